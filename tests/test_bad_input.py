@@ -1,0 +1,72 @@
+"""Every kind of bad input: exit code 2, one line that says what to do, no traceback, nothing changed."""
+import hashlib
+import os
+
+import optuna
+import pytest
+
+import tune
+from conftest import assert_usage_error, run_script, write_mnist
+
+
+@pytest.fixture(scope="module")
+def finished_run(mnist_dir, tmp_path_factory):
+    """A real finished study: what a user already has and must not lose to a typo."""
+    out = tmp_path_factory.mktemp("existing") / "run"
+    result = run_script("tune.py", "--data-dir", mnist_dir, "--out", out, "--n-trials", "2", "--epochs", "1",
+                        "--device", "cpu", cwd=out.parent)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def fingerprint(folder):
+    return {name: hashlib.sha256((folder / name).read_bytes()).hexdigest() for name in sorted(os.listdir(folder))}
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--n-trials", "0"], ["--n-trials"]),
+    (["--n-trials", "-3"], ["--n-trials"]),
+    (["--epochs", "0"], ["--epochs"]),
+    (["--workers", "0"], ["--workers"]),
+    (["--sampler", "grid"], ["--sampler"]),
+    (["--pruner", "magic"], ["--pruner"]),
+    (["--device", "tpu"], ["tpu"]),
+    (["--device", "cuda"], ["cuda"]),
+    (["--storage", "not-a-url"], ["--storage"]),
+    (["--storage", "postgresql://nobody:secret@127.0.0.1:9/none"], ["--storage", "***"]),
+    (["--data-dir", "EMPTY"], ["cannot load MNIST", "train-images-idx3-ubyte"]),
+    (["--data-dir", "TRUNCATED"], ["cannot load MNIST"]),
+])
+def test_bad_input_exits_2_with_one_line_and_changes_nothing(flags, words, finished_run, mnist_dir, tmp_path):
+    if flags == ["--device", "cuda"] and tune.torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    if "TRUNCATED" in flags:
+        root = write_mnist(tmp_path / "truncated")
+        labels = os.path.join(root, "MNIST", "raw", "t10k-labels-idx1-ubyte")
+        open(labels, "r+b").truncate(20)
+        flags = ["--data-dir", root]
+    flags = [str(tmp_path / "empty") if flag == "EMPTY" else flag for flag in flags]
+    before = fingerprint(finished_run)
+    result = run_script("tune.py", "--data-dir", mnist_dir, "--out", finished_run, *flags, cwd=tmp_path)
+    assert_usage_error(result, *words)
+    assert "secret" not in result.stderr  # a password in a URL is never echoed
+    assert fingerprint(finished_run) == before
+
+
+def test_out_that_cannot_be_written(mnist_dir, tmp_path):
+    (tmp_path / "a-file").write_text("not a folder")
+    result = run_script("tune.py", "--data-dir", mnist_dir, "--out", tmp_path / "a-file" / "run", cwd=tmp_path)
+    assert_usage_error(result, "--out")
+    assert (tmp_path / "a-file").read_text() == "not a folder"
+
+
+def test_existing_study_with_the_other_direction_is_refused_untouched(mnist_dir, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    storage = f"sqlite:///{out}/study.db"
+    theirs = optuna.create_study(storage=storage, study_name="mnist-mlp", direction="minimize")
+    theirs.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=2)
+    result = run_script("tune.py", "--data-dir", mnist_dir, "--out", out, "--n-trials", "3", cwd=tmp_path)
+    assert_usage_error(result, "minimises", "--study-name")
+    again = optuna.load_study(study_name="mnist-mlp", storage=storage)
+    assert again.direction == optuna.study.StudyDirection.MINIMIZE and len(again.trials) == 2

@@ -1,0 +1,85 @@
+import json
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+import report
+import train_loop
+import tune
+from conftest import N_TEST, run_script
+from mlp import MLP
+from train_loop import MODEL_KEYS, evaluate, load_mnist
+
+
+@pytest.fixture(scope="module")
+def finished_run(mnist_dir, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("results") / "run")
+    result = run_script("tune.py", "--data-dir", mnist_dir, "--out", out, "--n-trials", "6", "--epochs", "1",
+                        "--device", "cpu", "--pruner", "none", cwd=os.path.dirname(out))
+    assert result.returncode == 0, result.stderr
+    return out, result
+
+
+def test_progress_line_per_trial_and_test_accuracy_beside_validation(finished_run):
+    _, result = finished_run
+    assert sum(line.startswith("trial ") and " s  best " in line for line in result.stdout.splitlines()) == 6
+    assert "val_accuracy" in result.stdout and "test_accuracy" in result.stdout
+
+
+def test_best_json_and_model_reload_reproduce_the_test_accuracy(finished_run, mnist_dir):
+    out, _ = finished_run
+    best = json.load(open(os.path.join(out, "best.json")))
+    for key in ["trial_number", "params", "val_accuracy", "test_accuracy", "epochs", "seed", "torch", "optuna"]:
+        assert key in best
+    saved = torch.load(os.path.join(out, "best_model.pt"), weights_only=True)
+    model = MLP(*(saved["hparams"][key] for key in MODEL_KEYS))
+    model.load_state_dict(saved["state_dict"])
+    data = load_mnist(mnist_dir, torch.device("cpu"))
+    assert evaluate(model, data["test_x"], data["test_y"]) == best["test_accuracy"]
+    assert saved["hparams"]["learning_rate"] == best["params"]["learning_rate"]
+
+
+def test_four_plots_are_valid_png_files(finished_run):
+    out, _ = finished_run
+    for name in report.PLOTS:
+        with Image.open(os.path.join(out, name)) as image:
+            assert image.format == "PNG" and image.size[0] > 300
+            image.verify()
+
+
+def test_test_set_is_scored_exactly_once_and_only_after_the_study(mnist_dir, tmp_path, monkeypatch):
+    sizes_seen = []
+
+    def spy(real):
+        def evaluate_and_record(model, x, y):
+            sizes_seen.append(len(x))
+            return real(model, x, y)
+        return evaluate_and_record
+
+    monkeypatch.setattr(train_loop, "evaluate", spy(train_loop.evaluate))  # validation inside train()
+    monkeypatch.setattr(tune, "evaluate", spy(tune.evaluate))              # the final score
+    tune.main(["--data-dir", mnist_dir, "--out", str(tmp_path / "run"), "--n-trials", "3", "--epochs", "1",
+               "--device", "cpu"])
+    assert sizes_seen.count(N_TEST) == 1
+    assert sizes_seen[-1] == N_TEST  # last of all: after every trial and after the retrain
+    assert len(sizes_seen) > 3
+
+
+def test_too_few_trials_for_a_plot_is_a_warning_not_a_crash(mnist_dir, tmp_path):
+    result = run_script("tune.py", "--data-dir", mnist_dir, "--out", tmp_path / "run", "--n-trials", "1",
+                        "--epochs", "1", "--device", "cpu", "--no-final", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "warning: param_importances.png not drawn" in result.stderr
+    assert os.path.exists(tmp_path / "run" / "optimization_history.png")
+
+
+def test_report_script_redraws_from_the_storage(finished_run, tmp_path):
+    out, _ = finished_run
+    os.remove(os.path.join(out, "trials.csv"))
+    result = run_script("report.py", out, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert os.path.exists(os.path.join(out, "trials.csv")) and "best: trial" in result.stdout
+    missing = run_script("report.py", tmp_path / "nowhere", cwd=tmp_path)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
