@@ -15,15 +15,22 @@ import multiprocessing
 import os
 import re
 import signal
+import socket
 import sys
 import time
+import warnings
 
 import optuna
+import sqlalchemy
 import torch
 from optuna.trial import TrialState
 
 import report
 from train_loop import DEFAULT_HPARAMS, EVALS_PER_EPOCH, SetupError, evaluate, load_mnist, pick_device, seeded_model, train
+
+# Heartbeats, their retry callback and fail_stale_trials are marked experimental, and have been
+# since Optuna 2.8/2.9; the warning tells nothing new on every run.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 # ---------------------------------------------------------------------------- settings
 N_TRIALS = 30      # the study's budget: finished (complete + pruned) trials
@@ -66,23 +73,35 @@ def objective(trial, data, args):
     # counting the ones before it?" has one answer on every worker: the budget is exact.
     if len(counted(t for t in trial.study.get_trials(deepcopy=False) if t.number < trial.number)) >= args.n_trials:
         raise BudgetTaken(f"trial {trial.number} not trained: the study's {args.n_trials} trials are taken")
+    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
     hparams = suggest_hparams(trial, args.epochs)
     trial.set_user_attr("seed", args.seed)
     trial.set_user_attr("epochs", args.epochs)
     return train(seeded_model(hparams, args.seed), data, hparams, trial)
 
 
+def connect(url, heartbeat):
+    for attempt in range(3):
+        try:
+            return optuna.storages.RDBStorage(
+                url,
+                # SQLite: wait up to a minute for another process's write instead of "database is locked".
+                engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True},
+                heartbeat_interval=heartbeat, grace_period=3 * heartbeat,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY))
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError):
+            # Two processes creating a new database's tables at once: one loses, waits, tries again.
+            if attempt == 2:
+                raise
+            time.sleep(1)
+
+
 def open_study(args, worker=0):
     url = args.storage
     try:
-        storage = optuna.storages.RDBStorage(
-            url,
-            # SQLite: wait up to a minute for another process's write instead of "database is locked".
-            engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True},
-            heartbeat_interval=args.heartbeat, grace_period=3 * args.heartbeat,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY))
-    except ModuleNotFoundError as error:
-        raise SetupError(f"--storage: the database driver {error.name} is missing: "
+        storage = connect(url, args.heartbeat)
+    except ImportError:  # Optuna's wording: "Failed to import DB access module"
+        raise SetupError("--storage: this database's Python driver is missing; for PostgreSQL: "
                          "pip install -r requirements-postgres.txt") from None
     except Exception as error:
         safe_url = re.sub(r"(//[^:/@]*:)[^@]*@", r"\1***@", url)  # never print a password
@@ -133,18 +152,16 @@ def run_trials(study, data, args):
 
 def worker_main(args, worker):
     """One of --workers processes: its own data, its own share of the CPU, its own GPU if there are several."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: see run_workers
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // args.workers))
     device = pick_device(args.device)
     if device.type == "cuda" and args.device == "auto":
         device = torch.device("cuda", worker % torch.cuda.device_count())
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        run_trials(open_study(args, worker), load_mnist(args.data_dir, device), args)
-    except KeyboardInterrupt:  # Optuna has marked the running trial failed; the parent writes the files
-        sys.exit(130)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    run_trials(open_study(args, worker), load_mnist(args.data_dir, device), args)
 
 
-def run_workers(args):
+def run_workers(study, args):
     processes = [multiprocessing.get_context("spawn").Process(target=worker_main, args=(args, worker))
                  for worker in range(args.workers)]
     for process in processes:
@@ -153,11 +170,15 @@ def run_workers(args):
         for process in processes:
             process.join()
     except KeyboardInterrupt:
-        for process in processes:  # Ctrl-C in a terminal reaches them too; a plain `kill -INT` does not
-            if process.is_alive():
-                os.kill(process.pid, signal.SIGINT)
+        # Stopped at once rather than asked: a worker interrupted inside a database write can leave
+        # the write half-done. The parent then marks their running trials failed for them.
         for process in processes:
+            process.kill()
             process.join()
+        workers = {f"{socket.gethostname()}:{process.pid}" for process in processes}
+        for trial in study.get_trials(deepcopy=False, states=[TrialState.RUNNING]):
+            if trial.user_attrs.get("worker") in workers:
+                study.tell(trial.number, state=TrialState.FAIL)
         raise
     if any(process.exitcode for process in processes):
         raise RuntimeError(f"worker exit codes {[p.exitcode for p in processes]}: see the errors above")
@@ -230,7 +251,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # our one line per trial replaces Optuna's
+    # One line per trial (print_progress) replaces Optuna's log, whose failed-trial warnings carry
+    # a traceback even for Ctrl-C; a failed trial still shows in that line and in the summary.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:
         data = load_mnist(args.data_dir, pick_device(args.device))  # checks files and device up front
         study = open_study(args)
@@ -246,7 +269,7 @@ def main(argv=None):
         if args.workers == 1:
             run_trials(study, data, args)
         else:
-            run_workers(args)
+            run_workers(study, args)
     except KeyboardInterrupt:
         interrupted = True
     print("\n".join(report.summary(study)))

@@ -8,6 +8,7 @@ import time
 import optuna
 import pandas as pd
 import pytest
+import sqlalchemy
 from optuna.trial import TrialState
 
 import tune
@@ -33,15 +34,16 @@ def load(storage, name="mnist-mlp"):
     return optuna.load_study(study_name=name, storage=storage)
 
 
-def wait_for_a_trial_mid_training(storage, timeout=60):
+def wait_for_a_trial_mid_training(process, storage, timeout=60):
     """Poll the storage until some trial is RUNNING and has reported at least once."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()
         try:
             running = load(storage).get_trials(states=[TrialState.RUNNING])
             if any(trial.intermediate_values for trial in running):
                 return
-        except KeyError:  # the study does not exist yet
+        except (KeyError, sqlalchemy.exc.SQLAlchemyError):  # no database, no tables or no study yet
             pass
         time.sleep(0.2)
     raise AssertionError("no trial started training in time")
@@ -70,9 +72,9 @@ def test_two_workers_share_one_sqlite_study_with_the_exact_budget(mnist_dir, tmp
 def test_kill_9_mid_trial_then_rerun_retries_that_trial_and_ends_at_the_budget(mnist_dir, tmp_path):
     out = str(tmp_path / "run")
     storage = f"sqlite:///{out}/study.db"
-    flags = ["--n-trials", "3", "--epochs", "60", "--pruner", "none", "--heartbeat", "1"]
+    flags = ["--n-trials", "2", "--epochs", "200", "--pruner", "none", "--heartbeat", "1"]
     process = start_tune(mnist_dir, out, *flags)
-    wait_for_a_trial_mid_training(storage)
+    wait_for_a_trial_mid_training(process, storage)
     os.killpg(process.pid, signal.SIGKILL)  # no handler runs: the trial stays RUNNING in the storage
     process.wait()
     killed = load(storage).get_trials(states=[TrialState.RUNNING])
@@ -82,7 +84,7 @@ def test_kill_9_mid_trial_then_rerun_retries_that_trial_and_ends_at_the_budget(m
     code, stdout, stderr = finish(start_tune(mnist_dir, out, *flags))
     assert code == 0, stderr
     study = load(storage)
-    assert_exact_budget(study, 3)
+    assert_exact_budget(study, 2)
     failed = study.get_trials(states=[TrialState.FAIL])
     assert [t.number for t in failed] == [killed[0].number]
     retries = [t for t in study.trials if t.system_attrs.get("failed_trial") == killed[0].number]
@@ -94,9 +96,9 @@ def test_kill_9_mid_trial_then_rerun_retries_that_trial_and_ends_at_the_budget(m
 def test_ctrl_c_fails_the_running_trial_writes_files_exits_130_and_resumes(mnist_dir, tmp_path):
     out = str(tmp_path / "run")
     storage = f"sqlite:///{out}/study.db"
-    flags = ["--n-trials", "3", "--epochs", "60", "--pruner", "none"]
+    flags = ["--n-trials", "2", "--epochs", "200", "--pruner", "none"]
     process = start_tune(mnist_dir, out, *flags)
-    wait_for_a_trial_mid_training(storage)
+    wait_for_a_trial_mid_training(process, storage)
     os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends to the foreground group
     code, stdout, stderr = finish(process)
     assert code == 130, stderr
@@ -105,13 +107,13 @@ def test_ctrl_c_fails_the_running_trial_writes_files_exits_130_and_resumes(mnist
     assert len(load(storage).get_trials(states=[TrialState.FAIL])) == 1
     code, _, stderr = finish(start_tune(mnist_dir, out, *flags))
     assert code == 0, stderr
-    assert_exact_budget(load(storage), 3)
+    assert_exact_budget(load(storage), 2)
 
 
 def test_ctrl_c_with_two_workers_stops_both_cleanly(mnist_dir, tmp_path):
     out = str(tmp_path / "run")
-    process = start_tune(mnist_dir, out, "--workers", "2", "--n-trials", "4", "--epochs", "60", "--pruner", "none")
-    wait_for_a_trial_mid_training(f"sqlite:///{out}/study.db")
+    process = start_tune(mnist_dir, out, "--workers", "2", "--n-trials", "4", "--epochs", "200", "--pruner", "none")
+    wait_for_a_trial_mid_training(process, f"sqlite:///{out}/study.db")
     os.killpg(process.pid, signal.SIGINT)
     code, stdout, stderr = finish(process)
     assert code == 130 and "Traceback" not in stderr, stderr
@@ -145,12 +147,12 @@ POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL")
 def test_two_machines_on_postgresql_run_one_study_with_the_exact_budget(mnist_dir, tmp_path):
     assert POSTGRES_URL, "CI must provide a PostgreSQL server: .ci/run sets TEST_POSTGRES_URL"
     name = f"pg-{os.getpid()}-{time.time_ns()}"
-    flags = ["--storage", POSTGRES_URL, "--study-name", name, "--n-trials", "8", "--epochs", "30", "--pruner", "none"]
+    flags = ["--storage", POSTGRES_URL, "--study-name", name, "--n-trials", "6", "--epochs", "20", "--pruner", "none"]
     # Two separate `python tune.py` commands, as two machines would run them, each its own --seed.
     machines = [start_tune(mnist_dir, str(tmp_path / f"machine{i}"), *flags, "--seed", str(i)) for i in range(2)]
     for machine in machines:
         code, stdout, stderr = finish(machine)
         assert code == 0, stderr
     study = load(POSTGRES_URL, name)
-    assert_exact_budget(study, 8)
+    assert_exact_budget(study, 6)
     assert {t.user_attrs["seed"] for t in study.trials} == {0, 1}  # both machines really worked on it

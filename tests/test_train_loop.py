@@ -4,6 +4,8 @@ import optuna
 import pytest
 import torch
 
+import train_loop
+
 from conftest import N_TEST, N_TRAIN, assert_usage_error, run_script, write_mnist
 from train_loop import DEFAULT_HPARAMS, SetupError, evaluate, load_mnist, seeded_model, train
 
@@ -119,7 +121,10 @@ def test_truncated_or_corrupt_files_are_refused_with_advice(tmp_path, damage):
 
 @pytest.mark.parametrize("flags", [["--epochs", "0"], ["--dropout", "1.5"], ["--momentum", "0"],
                                    ["--batch-size", "x"], ["--device", "cuda:7"]])
-def test_bad_flags_exit_2_with_one_line(flags, mnist_dir, tmp_path):
+def test_bad_flags_exit_2_with_one_line(flags, mnist_dir, capsys):
     if flags[-1] == "cuda:7" and torch.cuda.device_count() > 7:
         pytest.skip("this machine has 8 GPUs")
-    assert_usage_error(run_script("train_loop.py", "--data-dir", mnist_dir, *flags, cwd=tmp_path))
+    with pytest.raises(SystemExit) as exit_:
+        train_loop.main(["--data-dir", mnist_dir, *flags])
+    stderr = capsys.readouterr().err
+    assert exit_.value.code == 2 and len(stderr.strip().splitlines()) == 1, stderr
