@@ -72,15 +72,16 @@ def load_mnist(data_dir, device, download=True):
         reason = str(error).strip().splitlines()[0].rstrip(":") if str(error).strip() else type(error).__name__
         raise SetupError(f"cannot load MNIST from {data_dir}/MNIST/raw ({reason}); put the four files "
                          f"{', '.join(MNIST_FILES)} (or their .gz) there, or pass --data-dir") from None
-    # Once, for the whole run: scale to floats, normalise, flatten, move. Trials then only slice.
-    images = ((images.float() / 255 - MNIST_MEAN) / MNIST_STD).flatten(1)
     n_train = len(train_set.data)
     order = torch.randperm(n_train, generator=torch.Generator().manual_seed(SPLIT_SEED))
-    val_idx, train_idx = order[:round(n_train * VAL_FRACTION)], order[round(n_train * VAL_FRACTION):]
-    parts = {"train": train_idx, "val": val_idx, "test": torch.arange(n_train, len(images))}
+    n_val = round(n_train * VAL_FRACTION)
+    parts = {"train": order[n_val:], "val": order[:n_val], "test": torch.arange(n_train, len(images))}
     data = {}
-    for name, idx in parts.items():
-        data[f"{name}_x"], data[f"{name}_y"] = images[idx].to(device), labels[idx].to(device)
+    for name, index in parts.items():
+        # Once for the whole run: move the bytes (4x smaller than floats), then scale, normalise,
+        # flatten on the device. Trials only slice these tensors.
+        pixels = images[index].to(device).float().flatten(1)
+        data[f"{name}_x"], data[f"{name}_y"] = (pixels / 255 - MNIST_MEAN) / MNIST_STD, labels[index].to(device)
     return data
 
 
@@ -94,9 +95,10 @@ def seeded_model(hparams, seed):
 def evaluate(model, x, y):
     """Accuracy of `model` on (x, y) in one batch: the whole split fits in memory and one big
     matrix product is far cheaper than many small ones."""
-    model.eval()
+    was_training = model.training
+    model.eval()  # dropout off
     accuracy = (model(x).argmax(dim=1) == y).float().mean().item()
-    model.train()
+    model.train(was_training)
     return accuracy
 
 

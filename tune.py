@@ -35,7 +35,7 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 # ---------------------------------------------------------------------------- settings
 N_TRIALS = 30      # the study's budget: finished (complete + pruned) trials
 EPOCHS = 3         # every trial trains this long unless pruned; the pruner saves the rest
-PRUNER = "median"  # median beat hyperband on this loop: see README "How pruning works here"
+PRUNER = "hyperband"  # trained half the epochs of no pruning for the same best: benchmarks/pruning.py
 HEARTBEAT = 10     # seconds between "still alive" writes; silent for 3x this, a trial is failed and retried
 MAX_RETRY = 2      # how often a trial whose worker died is given again
 # ------------------------------------------------------------------------------------
@@ -119,10 +119,12 @@ def open_study(args, worker=0):
 
 
 def make_pruner(name, epochs):
-    if name == "median":  # prune a trial below the median of earlier trials at the same report
+    """Resources are reports: EVALS_PER_EPOCH of them per epoch."""
+    if name == "hyperband":  # successive halving from half an epoch on: a quarter goes on at each rung
+        return optuna.pruners.HyperbandPruner(min_resource=EVALS_PER_EPOCH // 2, reduction_factor=4,
+                                              max_resource=epochs * EVALS_PER_EPOCH)
+    if name == "median":  # stop a trial below the median of earlier trials at the same report
         return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=EVALS_PER_EPOCH // 2)
-    if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs * EVALS_PER_EPOCH)
     return optuna.pruners.NopPruner()
 
 
@@ -138,22 +140,31 @@ def run_trials(study, data, args):
     """Run trials until the study holds its budget, then wait for those still running elsewhere:
     if one of their workers dies, its heartbeat stops, and this worker runs the retry."""
     deadline = time.monotonic() + (args.timeout or float("inf"))
+    said_waiting = False
     while time.monotonic() < deadline:
         optuna.storages.fail_stale_trials(study)  # a trial silent for too long: failed, then queued again
         trials = counted(study.get_trials(deepcopy=False))
         if len(trials) >= args.n_trials and not any(t.state == TrialState.WAITING for t in trials):
-            if not any(t.state == TrialState.RUNNING for t in trials):
+            running = sum(t.state == TrialState.RUNNING for t in trials)
+            if not running:
                 return
+            if not said_waiting:
+                print(f"waiting for {running} running trial(s) of other workers; a dead worker's trial is "
+                      f"failed and retried after {3 * args.heartbeat} s without heartbeat", flush=True)
+                said_waiting = True
             time.sleep(1)
             continue
         study.optimize(lambda trial: objective(trial, data, args), n_trials=1, catch=(BudgetTaken,),
                        callbacks=[print_progress])
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # hand the finished trial's GPU memory back, so nvidia-smi shows it free
 
 
 def worker_main(args, worker):
     """One of --workers processes: its own data, its own share of the CPU, its own GPU if there are several."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: see run_workers
-    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // args.workers))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()  # macOS: no affinity
+    torch.set_num_threads(max(1, cores // args.workers))
     device = pick_device(args.device)
     if device.type == "cuda" and args.device == "auto":
         device = torch.device("cuda", worker % torch.cuda.device_count())
@@ -227,7 +238,7 @@ def parse_args(argv=None):
     add("--timeout", type=positive_int, help="seconds after which no new trial starts (default: none)")
     add("--epochs", type=positive_int, default=EPOCHS, help=f"epochs per trial (default: {EPOCHS})")
     add("--sampler", choices=["tpe", "random"], default="tpe", help="(default: tpe)")
-    add("--pruner", choices=["median", "hyperband", "none"], default=PRUNER, help=f"(default: {PRUNER})")
+    add("--pruner", choices=["hyperband", "median", "none"], default=PRUNER, help=f"(default: {PRUNER})")
     add("--storage", help="RDB URL (default: sqlite:///OUT/study.db); postgresql://... for many machines")
     add("--study-name", default="mnist-mlp", help="(default: mnist-mlp)")
     add("--seed", type=int, default=0, help="seeds the sampler and every trial's training (default: 0)")
