@@ -72,7 +72,8 @@ def objective(trial, data, args):
     # Trial numbers are handed out atomically by the storage, so "is this trial beyond the budget,
     # counting the ones before it?" has one answer on every worker: the budget is exact.
     if len(counted(t for t in trial.study.get_trials(deepcopy=False) if t.number < trial.number)) >= args.n_trials:
-        raise BudgetTaken(f"trial {trial.number} not trained: the study's {args.n_trials} trials are taken")
+        trial.set_user_attr("fail_reason", "not trained: another worker took the last trial of the budget")
+        raise BudgetTaken()
     trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
     hparams = suggest_hparams(trial, args.epochs)
     trial.set_user_attr("seed", args.seed)
@@ -132,8 +133,9 @@ def print_progress(study, trial):
     value = f"{trial.value:.4f}" if trial.value is not None else "-"
     seconds = (trial.datetime_complete - trial.datetime_start).total_seconds()
     best = max((t.value for t in study.get_trials(deepcopy=False, states=[TrialState.COMPLETE])), default=None)
+    why = trial.user_attrs.get("fail_reason") or trial.user_attrs.get("pruned_reason") or ""
     print(f"trial {trial.number:3d} {trial.state.name:8s} val_accuracy {value}  {seconds:5.1f} s  "
-          f"best {best if best is None else format(best, '.4f')}", flush=True)
+          f"best {best if best is None else format(best, '.4f')}  {why}".rstrip(), flush=True)
 
 
 def run_trials(study, data, args):

@@ -39,7 +39,8 @@ def main():
     parser.add_argument("--data-dir", default="../shared/data/mnist-sample", help="(default: ../shared/data/mnist-sample)")
     parser.add_argument("--n-trials", type=int, default=30, help="(default: 30)")
     parser.add_argument("--epochs", type=int, default=5, help="(default: 5)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one study per seed and pruner (default: 0)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                        help="one study per seed and pruner; judge the mean (default: 0 1 2)")
     parser.add_argument("--pruners", nargs="+", default=["median", "hyperband", "none"], help="(default: all three)")
     args = parser.parse_args()
     print(f"{args.n_trials} trials x {args.epochs} epochs, data {args.data_dir}, default pruner: {tune.PRUNER}")
