@@ -59,11 +59,11 @@ def assert_exact_budget(study, n_trials):
 
 def test_two_workers_share_one_sqlite_study_with_the_exact_budget(mnist_dir, tmp_path):
     out = str(tmp_path / "run")
-    code, stdout, stderr = finish(start_tune(mnist_dir, out, "--workers", "2", "--n-trials", "10", "--epochs", "2"))
+    code, stdout, stderr = finish(start_tune(mnist_dir, out, "--workers", "2", "--n-trials", "6", "--epochs", "2"))
     assert code == 0, stderr
     assert "locked" not in stderr + stdout
     study = load(f"sqlite:///{out}/study.db")
-    assert_exact_budget(study, 10)
+    assert_exact_budget(study, 6)
     assert len(pd.read_csv(os.path.join(out, "trials.csv"))) == len(study.trials)
     # Each worker seeds its sampler differently: no two trials share their parameters.
     assert len({tuple(sorted(t.params.items())) for t in study.trials}) == len(study.trials)
@@ -128,14 +128,14 @@ def resident_mb():
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads Linux's /proc")
 def test_memory_stays_flat_over_100_trials_in_one_process(mnist_dir, tmp_path):
     args = tune.parse_args(["--data-dir", mnist_dir, "--out", str(tmp_path / "run"), "--epochs", "1",
-                            "--device", "cpu", "--n-trials", "10"])
+                            "--device", "cpu", "--n-trials", "5"])
     data = tune.load_mnist(mnist_dir, tune.torch.device("cpu"))
     study = tune.open_study(args)
     tune.run_trials(study, data, args)  # warm up: allocator pools, imports, caches
     before = resident_mb()
-    args.n_trials = 110
+    args.n_trials = 105
     tune.run_trials(study, data, args)
-    assert len(study.get_trials(states=FINISHED)) == 110
+    assert len(study.get_trials(states=FINISHED)) == 105
     assert resident_mb() - before < 50
 
 
