@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from train_loop import (DEFAULT_HPARAMS, EVALS_PER_EPOCH, MNIST_MEAN, MNIST_STD, MODEL_KEYS,  # noqa: E402
+from train_loop import (DEFAULT_HPARAMS, EVALS_PER_EPOCH, MNIST_MEAN, MNIST_STD,  # noqa: E402
                         evaluate, load_mnist, pick_device, seeded_model, train)
 
 BATCH_SIZES = (32, 256, 1024)
@@ -103,7 +103,8 @@ def main():
     device = pick_device(args.device)
     data = load_mnist(args.data_dir, device)
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"MLP {'-'.join(str(DEFAULT_HPARAMS[k]) for k in MODEL_KEYS[:4])}, "
+          f"MLP {DEFAULT_HPARAMS['in_size']}-{DEFAULT_HPARAMS['hidden_size']}x{DEFAULT_HPARAMS['layer_size']}-"
+          f"{DEFAULT_HPARAMS['out_size']}, "
           f"{len(data['train_x'])} training images (anchor: {len(data['train_x']) + len(data['val_x'])})")
     print(f"{'batch':>6} {'anchor/s':>10} {'project/s':>10} {'ceiling/s':>10} {'project/anchor':>15} "
           f"{'project/ceiling':>16}")
