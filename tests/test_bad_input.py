@@ -1,10 +1,10 @@
 """Every kind of bad input: exit code 2, one line that says what to do, no traceback, nothing changed."""
 import hashlib
 import os
+import subprocess
 
 import optuna
 import pytest
-import subprocess
 
 import tune
 from conftest import assert_usage_error, run_script, write_mnist
