@@ -11,23 +11,28 @@ import os
 import sys
 import warnings
 
-import matplotlib
-
-matplotlib.use("Agg")  # draw into files; there may be no display (servers, CI, ssh)
-import matplotlib.pyplot as plt  # noqa: E402
-import optuna  # noqa: E402
-from optuna.trial import TrialState  # noqa: E402
-from optuna.visualization import matplotlib as optuna_plots  # noqa: E402
+import optuna
+from optuna.trial import TrialState
 
 # Optuna marks its matplotlib plots experimental: the warning says nothing about our data.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
 def replace_atomically(path, write):
-    """write(tmp_path), then rename over `path`: a reader sees the old file or the new, never half."""
+    """write(tmp_path), which writes and closes that file, then rename it over `path`: a reader
+    sees the old file or the new, never half of one."""
     tmp_path = f"{path}.tmp{os.getpid()}"
-    write(tmp_path)
-    os.replace(tmp_path, path)
+    try:
+        write(tmp_path)
+        os.replace(tmp_path, path)
+    finally:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+
+
+def write_text(path, text):
+    with open(path, "w") as file:
+        file.write(text)
 
 
 def write_trials_csv(study, out):
@@ -57,9 +62,49 @@ def summary(study):
     return lines
 
 
+LEGEND_LIMIT = 20  # past this many trials, a legend entry per trial would run off the figure
+
+
+def pyplot():
+    """matplotlib, loaded on first use: processes that only train (tune.py's workers) never pay for it."""
+    import matplotlib
+    matplotlib.use("Agg")  # draw into files; there may be no display (servers, CI, ssh)
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def optuna_plots():
+    from optuna.visualization import matplotlib as plots
+    return plots
+
+
+def optimization_history(study):
+    return optuna_plots().plot_optimization_history(study)
+
+
+def param_importances(study):
+    return optuna_plots().plot_param_importances(study)
+
+
+def intermediate_values(study):
+    """Optuna's learning curves; for a big study one colour per state instead of one legend entry per trial."""
+    ax = optuna_plots().plot_intermediate_values(study)
+    if len(ax.get_lines()) > LEGEND_LIMIT:
+        states = {trial.number: trial.state for trial in study.get_trials(deepcopy=False)}
+        colours = {TrialState.COMPLETE: "tab:blue", TrialState.PRUNED: "tab:orange", TrialState.RUNNING: "tab:gray"}
+        shown = set()
+        for line in ax.get_lines():  # Optuna labels each line "Trial<number>"
+            state = states[int(line.get_label().removeprefix("Trial"))]
+            line.set(color=colours[state], alpha=0.5, marker="")
+            shown.add(state)
+        ax.legend(handles=[pyplot().Line2D([], [], color=colour, label=state.name.lower())
+                           for state, colour in colours.items() if state in shown], loc="lower right")
+    return ax
+
+
 def value_histogram(study):
     values = [t.value for t in study.get_trials(deepcopy=False, states=[TrialState.COMPLETE])]
-    _, ax = plt.subplots()
+    _, ax = pyplot().subplots()
     ax.hist(values, bins=20)
     ax.set(title="Validation accuracy of completed trials", xlabel="val_accuracy", ylabel="trials")
     return ax
@@ -67,9 +112,9 @@ def value_histogram(study):
 
 # file name -> (how to draw it, completed trials it needs to say anything)
 PLOTS = {
-    "optimization_history.png": (optuna_plots.plot_optimization_history, 1),
-    "intermediate_values.png": (optuna_plots.plot_intermediate_values, 1),
-    "param_importances.png": (optuna_plots.plot_param_importances, 2),
+    "optimization_history.png": (optimization_history, 1),
+    "intermediate_values.png": (intermediate_values, 1),
+    "param_importances.png": (param_importances, 2),
     "value_histogram.png": (value_histogram, 1),
 }
 
@@ -91,7 +136,7 @@ def save_plots(study, out):
         figure.set_size_inches(8, 5)
         figure.tight_layout()
         replace_atomically(os.path.join(out, name), lambda tmp: figure.savefig(tmp, dpi=100, format="png"))
-        plt.close(figure)
+        pyplot().close(figure)
         saved.append(name)
     return saved
 

@@ -1,43 +1,42 @@
-"""Tune the MNIST MLP with Optuna: search space, sampler, pruner, storage, workers, final test.
+"""Tune the MNIST MLP with Optuna: search space, objective, sampler, pruner, study, final test.
 
-    python tune.py --data-dir ../shared/data/mnist-sample --n-trials 20 --epochs 3   # real digits, offline
     python tune.py                                  # full MNIST (downloaded into data/), 30 trials
+    python tune.py --data-dir DIR --n-trials 20     # MNIST files you already have, in DIR/MNIST/raw
     python tune.py --workers 2                      # two processes share the study on this machine
-    python tune.py --storage postgresql://user:password@db-host/optuna   # on every machine that helps
+    python tune.py --storage postgresql://user:password@db-host/optuna --seed 1   # one per machine
 
-The same command again resumes the study: --n-trials is its total budget, not "N more".
-Everything lands in --out (default runs/<study-name>/): study.db, trials.csv, best.json,
-best_model.pt and four PNG plots. The test set is used once, after the study, on the winner.
+The same command again resumes the study. --n-trials is the study's total budget; Optuna's own
+`study.optimize(n_trials=...)` means "this many more". Everything lands in --out (default
+runs/<study-name>/): study.db, trials.csv, best.json, best_model.pt and four PNG plots. The test
+set is used once, after the study. Crash safety, workers and Ctrl-C live in parallel.py.
 """
-import argparse
-import json
-import multiprocessing
 import os
-import re
 import signal
-import socket
+
+# A Ctrl-C while the imports below load (seconds) ends the run quietly, exit code 130; from
+# main() on, parallel.handle_ctrl_c decides. Left alone when Ctrl-C is ignored (nohup).
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))
+
+import argparse
+import functools
+import json
 import sys
-import time
-import warnings
 
+import numpy as np
 import optuna
-import sqlalchemy
 import torch
-from optuna.trial import TrialState
 
+import parallel
 import report
-from train_loop import DEFAULT_HPARAMS, EVALS_PER_EPOCH, SetupError, evaluate, load_mnist, pick_device, seeded_model, train
-
-# Heartbeats, their retry callback and fail_stale_trials are marked experimental, and have been
-# since Optuna 2.8/2.9; the warning tells nothing new on every run.
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+from train_loop import EVALS_PER_EPOCH, SetupError, evaluate, load_mnist, pick_device, seeded_model, train
 
 # ---------------------------------------------------------------------------- settings
-N_TRIALS = 30      # the study's budget: finished (complete + pruned) trials
-EPOCHS = 3         # every trial trains this long unless pruned; the pruner saves the rest
-PRUNER = "hyperband"  # trained half the epochs of no pruning for the same best: benchmarks/pruning.py
-HEARTBEAT = 10     # seconds between "still alive" writes; silent for 3x this, a trial is failed and retried
-MAX_RETRY = 2      # how often a trial whose worker died is given again
+N_TRIALS = 30       # the study's budget: finished (complete + pruned) trials, across all runs
+EPOCHS = 3          # every trial trains this long unless pruned
+SAMPLER = "tpe"     # TPE models good and bad regions from the trials so far; "random" is the baseline
+PRUNER = "halving"  # above random search at 53% of its training, measured: benchmarks/search.py
+HEARTBEAT = 10      # seconds between a running trial's "still alive" writes (see parallel.py)
 # ------------------------------------------------------------------------------------
 
 
@@ -45,7 +44,7 @@ def suggest_hparams(trial, epochs):
     """The search space. Wide on purpose: it holds bad models too, so the sampler learns where not to go."""
     momentum = trial.suggest_float("momentum", 0.0, 0.99)
     return {
-        **DEFAULT_HPARAMS,
+        "in_size": 784, "out_size": 10, "epochs": epochs,
         "hidden_size": trial.suggest_int("hidden_size", 32, 512, log=True),
         "layer_size": trial.suggest_int("layer_size", 1, 5),
         "dropout": trial.suggest_float("dropout", 0.0, 0.5),
@@ -55,73 +54,26 @@ def suggest_hparams(trial, epochs):
         # torch.optim.SGD raises for Nesterov without momentum, so only ask when there is momentum.
         "nesterov": momentum > 0 and trial.suggest_categorical("nesterov", [True, False]),
         "weight_decay": trial.suggest_float("weight_decay", 1e-6, 1e-2, log=True),
-        "epochs": epochs,
     }
 
 
-class BudgetTaken(Exception):
-    """Another worker took the study's last trial a moment before this one."""
+def objective(trial, data, epochs, seed):
+    """Suggest, build, train, return: the validation accuracy of the trained model's final weights."""
+    hparams = suggest_hparams(trial, epochs)
+    trial.set_user_attr("seed", seed)  # weights, shuffles and dropout: what the final retrain repeats
+    return train(seeded_model(hparams, seed), data, hparams, trial)
 
 
-def counted(trials):
-    """Trials that use up the budget: finished, running or queued. Failed ones are given again."""
-    return [t for t in trials if t.state != TrialState.FAIL]
-
-
-def objective(trial, data, args):
-    # Trial numbers are handed out atomically by the storage, so "is this trial beyond the budget,
-    # counting the ones before it?" has one answer on every worker: the budget is exact.
-    if len(counted(t for t in trial.study.get_trials(deepcopy=False) if t.number < trial.number)) >= args.n_trials:
-        trial.set_user_attr("fail_reason", "not trained: another worker took the last trial of the budget")
-        raise BudgetTaken()
-    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-    hparams = suggest_hparams(trial, args.epochs)
-    trial.set_user_attr("seed", args.seed)
-    trial.set_user_attr("epochs", args.epochs)
-    return train(seeded_model(hparams, args.seed), data, hparams, trial)
-
-
-def connect(url, heartbeat):
-    for attempt in range(3):
-        try:
-            return optuna.storages.RDBStorage(
-                url,
-                # SQLite: wait up to a minute for another process's write instead of "database is locked".
-                engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True},
-                heartbeat_interval=heartbeat, grace_period=3 * heartbeat,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY))
-        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError):
-            # Two processes creating a new database's tables at once: one loses, waits, tries again.
-            if attempt == 2:
-                raise
-            time.sleep(1)
-
-
-def open_study(args, worker=0):
-    url = args.storage
-    try:
-        storage = connect(url, args.heartbeat)
-    except ImportError:  # Optuna's wording: "Failed to import DB access module"
-        raise SetupError("--storage: this database's Python driver is missing; for PostgreSQL: "
-                         "pip install -r requirements-postgres.txt") from None
-    except Exception as error:
-        safe_url = re.sub(r"(//[^:/@]*:)[^@]*@", r"\1***@", url)  # never print a password
-        raise SetupError(f"--storage {safe_url}: {str(error).splitlines()[0]}; expected sqlite:///path/study.db "
-                         "or postgresql://user:password@host/database") from None
-    # Each worker seeds its sampler differently, or they would all propose the same first trials.
-    seed = args.seed + worker
-    sampler = optuna.samplers.TPESampler(seed=seed) if args.sampler == "tpe" else optuna.samplers.RandomSampler(seed=seed)
-    study = optuna.create_study(storage=storage, study_name=args.study_name, direction="maximize",
-                                sampler=sampler, pruner=make_pruner(args.pruner, args.epochs), load_if_exists=True)
-    if study.direction != optuna.study.StudyDirection.MAXIMIZE:
-        raise SetupError(f"study {args.study_name!r} in this storage minimises; "
-                         "tune.py maximises accuracy: pass another --study-name")
-    return study
+def make_sampler(name, seed):
+    return optuna.samplers.TPESampler(seed=seed) if name == "tpe" else optuna.samplers.RandomSampler(seed=seed)
 
 
 def make_pruner(name, epochs):
-    """Resources are reports: EVALS_PER_EPOCH of them per epoch."""
-    if name == "hyperband":  # successive halving from half an epoch on: a quarter goes on at each rung
+    """Resources are reports, EVALS_PER_EPOCH of them an epoch. Optuna shows the sampler only a
+    Hyperband trial's own bracket; successive halving is one bracket: the sampler sees every trial."""
+    if name == "halving":  # judged at half an epoch and at 1.5 epochs: the best third goes on at each
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=EVALS_PER_EPOCH // 2, reduction_factor=3)
+    if name == "hyperband":  # the same, in brackets that start judging at different rungs
         return optuna.pruners.HyperbandPruner(min_resource=EVALS_PER_EPOCH // 2, reduction_factor=4,
                                               max_resource=epochs * EVALS_PER_EPOCH)
     if name == "median":  # stop a trial below the median of earlier trials at the same report
@@ -129,97 +81,97 @@ def make_pruner(name, epochs):
     return optuna.pruners.NopPruner()
 
 
-def print_progress(study, trial):
-    value = f"{trial.value:.4f}" if trial.value is not None else "-"
-    seconds = (trial.datetime_complete - trial.datetime_start).total_seconds()
-    best = max((t.value for t in study.get_trials(deepcopy=False, states=[TrialState.COMPLETE])), default=None)
-    why = trial.user_attrs.get("fail_reason") or trial.user_attrs.get("pruned_reason") or ""
-    print(f"trial {trial.number:3d} {trial.state.name:8s} val_accuracy {value}  {seconds:5.1f} s  "
-          f"best {best if best is None else format(best, '.4f')}  {why}".rstrip(), flush=True)
+def open_study(args, worker, data):
+    try:
+        storage = parallel.connect(args.storage, args.heartbeat)  # heartbeats: a dead process's trial is retried
+    except parallel.StorageError as error:
+        raise SetupError(f"--storage {error}") from None
+    study = optuna.create_study(storage=storage, study_name=args.study_name, direction="maximize",
+                                pruner=make_pruner(args.pruner, args.epochs), load_if_exists=True)
+    if study.direction != optuna.study.StudyDirection.MAXIMIZE:
+        raise SetupError(f"study {args.study_name!r} in this storage minimises; tune.py maximises accuracy: "
+                         "pass another --study-name")
+    # What a value means depends on these: a resume must not mix them (see keep_settings).
+    keep_settings(study, {"epochs": args.epochs, "pruner": args.pruner, "reports per epoch": EVALS_PER_EPOCH,
+                          "training images": len(data["train_x"]), "validation images": len(data["val_x"])})
+    # A sampler seeded by --seed alone would restart its random stream on every resume and repeat
+    # the trials before it. Seeded also by the worker and the trials already there, each process
+    # continues where the study stands; a fresh run with the same --seed is still the same run.
+    study.sampler = make_sampler(args.sampler, int(np.random.SeedSequence([args.seed, worker, len(study.trials)])
+                                                   .generate_state(1)[0]))
+    return study
 
 
-def run_trials(study, data, args):
-    """Run trials until the study holds its budget, then wait for those still running elsewhere:
-    if one of their workers dies, its heartbeat stops, and this worker runs the retry."""
-    deadline = time.monotonic() + (args.timeout or float("inf"))
-    said_waiting = False
-    while time.monotonic() < deadline:
-        optuna.storages.fail_stale_trials(study)  # a trial silent for too long: failed, then queued again
-        trials = counted(study.get_trials(deepcopy=False))
-        if len(trials) >= args.n_trials and not any(t.state == TrialState.WAITING for t in trials):
-            running = sum(t.state == TrialState.RUNNING for t in trials)
-            if not running:
-                return
-            if not said_waiting:
-                print(f"waiting for {running} running trial(s) of other workers; a dead worker's trial is "
-                      f"failed and retried after {3 * args.heartbeat} s without heartbeat", flush=True)
-                said_waiting = True
-            time.sleep(1)
-            continue
-        study.optimize(lambda trial: objective(trial, data, args), n_trials=1, catch=(BudgetTaken,),
-                       callbacks=[print_progress])
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()  # hand the finished trial's GPU memory back, so nvidia-smi shows it free
+def keep_settings(study, settings):
+    kept = study.user_attrs.get("settings")
+    if kept is None:
+        study.set_user_attr("settings", settings)
+    for name, value in (kept or {}).items():
+        if settings.get(name) != value:
+            raise SetupError(f"study {study.study_name!r} was run with {name} {value}, this run has "
+                             f"{settings.get(name)}: resume it as it was run, or pass another --study-name or --out")
 
 
-def worker_main(args, worker):
-    """One of --workers processes: its own data, its own share of the CPU, its own GPU if there are several."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: see run_workers
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()  # macOS: no affinity
-    torch.set_num_threads(max(1, cores // args.workers))
+def setup(args, worker=0):
+    """One process's share: its device and CPU threads, the data on that device, the study, and the
+    objective bound to that data. With --workers N, parallel.py calls it in each worker process."""
     device = pick_device(args.device)
     if device.type == "cuda" and args.device == "auto":
-        device = torch.device("cuda", worker % torch.cuda.device_count())
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-    run_trials(open_study(args, worker), load_mnist(args.data_dir, device), args)
+        device = torch.device("cuda", worker % torch.cuda.device_count())  # a GPU each, where there are several
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.workers))
+    data = load_mnist(args.data_dir, device)
+    study = open_study(args, worker, data)
+    return study, functools.partial(objective, data=data, epochs=args.epochs, seed=args.seed)
 
 
-def run_workers(study, args):
-    processes = [multiprocessing.get_context("spawn").Process(target=worker_main, args=(args, worker))
-                 for worker in range(args.workers)]
-    for process in processes:
-        process.start()
-    try:
-        for process in processes:
-            process.join()
-    except KeyboardInterrupt:
-        # Stopped at once rather than asked: a worker interrupted inside a database write can leave
-        # the write half-done. The parent then marks their running trials failed for them.
-        for process in processes:
-            process.kill()
-            process.join()
-        workers = {f"{socket.gethostname()}:{process.pid}" for process in processes}
-        for trial in study.get_trials(deepcopy=False, states=[TrialState.RUNNING]):
-            if trial.user_attrs.get("worker") in workers:
-                study.tell(trial.number, state=TrialState.FAIL)
-        raise
-    if any(process.exitcode for process in processes):
-        raise RuntimeError(f"worker exit codes {[p.exitcode for p in processes]}: see the errors above")
+def after_trial(study, trial):
+    """Optuna calls this after each trial: one line of progress; on CUDA, the trial's memory freed."""
+    value = "-" if trial.value is None else f"{trial.value:.4f}"
+    seconds = (trial.datetime_complete - trial.datetime_start).total_seconds()
+    best = max((t.value for t in study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.COMPLETE])),
+               default=None)
+    why = trial.user_attrs.get("fail_reason") or trial.user_attrs.get("pruned_reason") or ""
+    print(f"trial {trial.number:3d} {trial.state.name:8s} val_accuracy {value}  {seconds:5.1f} s  "
+          f"best {'-' if best is None else format(best, '.4f')}  {why}".rstrip(), flush=True)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
-def final_test(study, data, args):
+def final_test(study, args):
     """Retrain the winner on train + validation, then measure it ONCE on the test set."""
     best = study.best_trial
+    data = load_mnist(args.data_dir, pick_device(args.device))
+    run = {"study": study.study_name, "trial_number": best.number, "epochs": args.epochs,
+           "seed": best.user_attrs["seed"], "data_dir": os.path.abspath(args.data_dir),
+           **{f"{split}_images": len(data[f"{split}_x"]) for split in ("train", "val", "test")}}
     best_json = os.path.join(args.out, "best.json")
-    if os.path.exists(best_json) and json.load(open(best_json))["trial_number"] == best.number:
-        print(f"best.json already holds trial {best.number}'s test accuracy; nothing to retrain")
-        return
-    hparams = suggest_hparams(optuna.trial.FixedTrial(best.params), best.user_attrs["epochs"])
-    seed = best.user_attrs["seed"]
+    if os.path.exists(best_json):
+        with open(best_json) as file:
+            scored = json.load(file)
+        if all(scored.get(key) == value for key, value in run.items()):
+            print(f"best.json already holds trial {best.number}'s test accuracy; nothing to retrain")
+            return
+    hparams = suggest_hparams(optuna.trial.FixedTrial(best.params), args.epochs)
     train_and_val = {"train_x": torch.cat([data["train_x"], data["val_x"]]),
                      "train_y": torch.cat([data["train_y"], data["val_y"]]),
                      "val_x": data["val_x"], "val_y": data["val_y"]}  # seen in training now: not reported
-    model = seeded_model(hparams, seed)
-    print(f"retraining trial {best.number} on train + validation ({len(train_and_val['train_x'])} images)...")
-    train(model, train_and_val, hparams, evals_per_epoch=1)
-    test_accuracy = evaluate(model, data["test_x"], data["test_y"])
-    result = {"trial_number": best.number, "params": best.params, "val_accuracy": best.value,
-              "test_accuracy": test_accuracy, "epochs": hparams["epochs"], "seed": seed,
-              "torch": torch.__version__, "optuna": optuna.__version__}
+    model = seeded_model(hparams, run["seed"])
+    print(f"retraining trial {best.number} on train + validation ({len(train_and_val['train_x'])} images)...",
+          flush=True)
+    try:
+        train(model, train_and_val, hparams, evals_per_epoch=1)
+    except FloatingPointError as error:
+        print(f"tune.py: the retrain of trial {best.number} diverged ({error}); the study and trials.csv are "
+              "kept, best.json is not written", file=sys.stderr)
+        sys.exit(1)
+    result = {**run, "params": best.params, "val_accuracy": best.value,
+              "test_accuracy": evaluate(model, data["test_x"], data["test_y"]),
+              "sampler": args.sampler, "pruner": args.pruner, "torch": torch.__version__, "optuna": optuna.__version__}
     state = {"state_dict": {k: v.cpu() for k, v in model.state_dict().items()}, "hparams": hparams}
     report.replace_atomically(os.path.join(args.out, "best_model.pt"), lambda tmp: torch.save(state, tmp))
-    report.replace_atomically(best_json, lambda tmp: json.dump(result, open(tmp, "w"), indent=2))
-    print(f"trial {best.number}: val_accuracy {best.value:.4f}, test_accuracy {test_accuracy:.4f} (test set, once)")
+    report.replace_atomically(best_json, lambda tmp: report.write_text(tmp, json.dumps(result, indent=2)))
+    print(f"trial {best.number}: val_accuracy {best.value:.4f}, test_accuracy {result['test_accuracy']:.4f} "
+          "(test set, once)")
 
 
 class Parser(argparse.ArgumentParser):
@@ -227,28 +179,30 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def positive_int(text):
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
-    return int(text)
+def whole_number(minimum):
+    def parse(text):
+        if not text.isdigit() or int(text) < minimum:
+            raise argparse.ArgumentTypeError(f"expected a whole number of at least {minimum}, got {text!r}")
+        return int(text)
+    return parse
 
 
 def parse_args(argv=None):
     parser = Parser(description="Tune the MNIST MLP with Optuna.")
     add = parser.add_argument
-    add("--n-trials", type=positive_int, default=N_TRIALS, help=f"the study's total trials (default: {N_TRIALS})")
-    add("--timeout", type=positive_int, help="seconds after which no new trial starts (default: none)")
-    add("--epochs", type=positive_int, default=EPOCHS, help=f"epochs per trial (default: {EPOCHS})")
-    add("--sampler", choices=["tpe", "random"], default="tpe", help="(default: tpe)")
-    add("--pruner", choices=["hyperband", "median", "none"], default=PRUNER, help=f"(default: {PRUNER})")
+    add("--n-trials", type=whole_number(1), default=N_TRIALS, help=f"the study's total trials (default: {N_TRIALS})")
+    add("--timeout", type=whole_number(1), help="seconds after which no new trial starts (default: none)")
+    add("--epochs", type=whole_number(1), default=EPOCHS, help=f"epochs per trial (default: {EPOCHS})")
+    add("--sampler", choices=["tpe", "random"], default=SAMPLER, help=f"(default: {SAMPLER})")
+    add("--pruner", choices=["halving", "hyperband", "median", "none"], default=PRUNER, help=f"(default: {PRUNER})")
     add("--storage", help="RDB URL (default: sqlite:///OUT/study.db); postgresql://... for many machines")
     add("--study-name", default="mnist-mlp", help="(default: mnist-mlp)")
-    add("--seed", type=int, default=0, help="seeds the sampler and every trial's training (default: 0)")
+    add("--seed", type=whole_number(0), default=0, help="seeds the sampler and every trial's training (default: 0)")
     add("--data-dir", default="data", help="MNIST root, MNIST/raw inside (default: data)")
     add("--device", default="auto", help="auto, cuda, cuda:N, mps or cpu (default: auto: CUDA, MPS, CPU)")
     add("--out", help="output folder (default: runs/STUDY-NAME)")
-    add("--workers", type=positive_int, default=1, help="processes on this machine (default: 1)")
-    add("--heartbeat", type=positive_int, default=HEARTBEAT, help=f"seconds between heartbeats (default: {HEARTBEAT})")
+    add("--workers", type=whole_number(1), default=1, help="processes on this machine (default: 1)")
+    add("--heartbeat", type=whole_number(1), default=HEARTBEAT, help=f"seconds between heartbeats (default: {HEARTBEAT})")
     add("--no-final", action="store_true", help="skip the final retrain and test-set score")
     args = parser.parse_args(argv)
     args.out = args.out or os.path.join("runs", args.study_name)
@@ -264,35 +218,27 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    # One line per trial (print_progress) replaces Optuna's log, whose failed-trial warnings carry
-    # a traceback even for Ctrl-C; a failed trial still shows in that line and in the summary.
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-    try:
-        data = load_mnist(args.data_dir, pick_device(args.device))  # checks files and device up front
-        study = open_study(args)
-    except SetupError as error:
-        print(f"tune.py: error: {error}", file=sys.stderr)
-        sys.exit(2)
-    before = len(counted(study.get_trials(deepcopy=False)))
-    if before >= args.n_trials:
-        print(f"study {args.study_name!r} already holds its {args.n_trials} trials: nothing to train "
-              "(raise --n-trials for more)")
-    interrupted = False
-    try:
-        if args.workers == 1:
-            run_trials(study, data, args)
-        else:
-            run_workers(study, args)
-    except KeyboardInterrupt:
-        interrupted = True
-    print("\n".join(report.summary(study)))
-    print(f"wrote {report.write_trials_csv(study, args.out)}")
-    if interrupted:
-        print("interrupted: the running trial is marked failed; run the same command to resume")
-        sys.exit(130)
-    if not args.no_final and study.get_trials(deepcopy=False, states=[TrialState.COMPLETE]):
-        final_test(study, data, args)
-    report.save_plots(study, args.out)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # after_trial prints one line per trial instead
+    with parallel.handle_ctrl_c():
+        try:
+            study, objective_on_data = setup(args)
+        except SetupError as error:
+            print(f"tune.py: error: {error}", file=sys.stderr)
+            sys.exit(2)
+        if sum(t.state != optuna.trial.TrialState.FAIL for t in study.trials) >= args.n_trials:
+            print(f"study {args.study_name!r} already holds its {args.n_trials} trials: nothing to train "
+                  "(raise --n-trials for more)")
+        finished = parallel.optimize(study, objective_on_data, args.n_trials, timeout=args.timeout,
+                                     callbacks=[after_trial], workers=args.workers,
+                                     start_worker=functools.partial(setup, args))
+        print("\n".join(report.summary(study)))
+        print(f"wrote {report.write_trials_csv(study, args.out)}")
+        if not finished:
+            print("interrupted: the running trial is marked failed and queued again; run the same command to resume")
+            sys.exit(130)
+        if not args.no_final and study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.COMPLETE]):
+            final_test(study, args)
+        report.save_plots(study, args.out)
 
 
 if __name__ == "__main__":

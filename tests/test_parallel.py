@@ -11,22 +11,29 @@ import pytest
 import sqlalchemy
 from optuna.trial import TrialState
 
+import parallel
 import tune
 from conftest import ROOT
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
-def start_tune(mnist_dir, out, *flags):
-    """tune.py as a real child process, in its own process group (so a signal reaches only it)."""
+def start_tune(mnist_dir, out, *flags, final=False):
+    """tune.py as a real child process, in its own process group (so a signal reaches only it), with
+    Ctrl-C's default meaning even when pytest itself runs with SIGINT ignored (a background job)."""
     env = dict(os.environ, http_proxy="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9")
     return subprocess.Popen([sys.executable, os.path.join(ROOT, "tune.py"), "--data-dir", mnist_dir, "--out", out,
-                             "--device", "cpu", "--no-final", *flags], cwd=ROOT, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+                             "--device", "cpu", *([] if final else ["--no-final"]), *flags], cwd=ROOT, env=env,
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def finish(process, timeout=240):
-    stdout, stderr = process.communicate(timeout=timeout)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    finally:
+        if process.poll() is None:  # timed out: leave no process behind to slow the next tests
+            os.killpg(process.pid, signal.SIGKILL)
     return process.returncode, stdout, stderr
 
 
@@ -72,7 +79,7 @@ def test_two_workers_share_one_sqlite_study_with_the_exact_budget(mnist_dir, tmp
 def test_kill_9_mid_trial_then_rerun_retries_that_trial_and_ends_at_the_budget(mnist_dir, tmp_path):
     out = str(tmp_path / "run")
     storage = f"sqlite:///{out}/study.db"
-    flags = ["--n-trials", "2", "--epochs", "200", "--pruner", "none", "--heartbeat", "1"]
+    flags = ["--n-trials", "2", "--epochs", "60", "--pruner", "none", "--heartbeat", "1"]
     process = start_tune(mnist_dir, out, *flags)
     wait_for_a_trial_mid_training(process, storage)
     os.killpg(process.pid, signal.SIGKILL)  # no handler runs: the trial stays RUNNING in the storage
@@ -91,33 +98,86 @@ def test_kill_9_mid_trial_then_rerun_retries_that_trial_and_ends_at_the_budget(m
     assert len(retries) == 1 and retries[0].state in FINISHED
     assert retries[0].params == killed[0].params  # the same configuration, tried again
     assert set(completed_before) <= {t.number for t in study.get_trials(states=[TrialState.COMPLETE])}
+    # The rerun continued the sampler's stream: apart from the retry, no configuration came twice.
+    others = [tuple(sorted(t.params.items())) for t in study.trials if t.number != retries[0].number]
+    assert len(others) == len(set(others))
+
+
+def assert_stopped_cleanly(code, stdout, stderr):
+    assert code == 130, stderr
+    assert "Traceback" not in stdout + stderr and "Error" not in stderr, stderr
 
 
 def test_ctrl_c_fails_the_running_trial_writes_files_exits_130_and_resumes(mnist_dir, tmp_path):
     out = str(tmp_path / "run")
     storage = f"sqlite:///{out}/study.db"
-    flags = ["--n-trials", "2", "--epochs", "200", "--pruner", "none"]
+    flags = ["--n-trials", "2", "--epochs", "60", "--pruner", "none"]
     process = start_tune(mnist_dir, out, *flags)
     wait_for_a_trial_mid_training(process, storage)
     os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends to the foreground group
     code, stdout, stderr = finish(process)
-    assert code == 130, stderr
-    assert "Traceback" not in stderr and "interrupted" in stdout and "failed" in stdout
+    assert_stopped_cleanly(code, stdout, stderr)
+    assert "interrupted" in stdout and "1 failed" in stdout
     assert os.path.exists(os.path.join(out, "trials.csv"))
-    assert len(load(storage).get_trials(states=[TrialState.FAIL])) == 1
+    [failed] = load(storage).get_trials(states=[TrialState.FAIL])
+    [queued] = load(storage).get_trials(states=[TrialState.WAITING])  # it runs again on resume
+    assert queued.user_attrs["retry_of"] == failed.number
     code, _, stderr = finish(start_tune(mnist_dir, out, *flags))
     assert code == 0, stderr
-    assert_exact_budget(load(storage), 2)
+    assert load(storage).trials[queued.number].params == failed.params
 
 
-def test_ctrl_c_with_two_workers_stops_both_cleanly(mnist_dir, tmp_path):
+def test_ctrl_c_at_many_moments_never_prints_a_traceback_and_the_rerun_ends_at_the_budget(mnist_dir, tmp_path):
     out = str(tmp_path / "run")
-    process = start_tune(mnist_dir, out, "--workers", "2", "--n-trials", "4", "--epochs", "200", "--pruner", "none")
+    flags = ["--n-trials", "3", "--epochs", "60", "--pruner", "none", "--heartbeat", "1"]
+    # From the first import to well inside a trial (start-up takes about 3 s on 2 cores).
+    for delay in [0.2, 0.6, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.5]:
+        process = start_tune(mnist_dir, out, *flags)
+        time.sleep(delay)
+        assert process.poll() is None, process.communicate()
+        os.killpg(process.pid, signal.SIGINT)
+        assert_stopped_cleanly(*finish(process))
+    code, stdout, stderr = finish(start_tune(mnist_dir, out, *flags), timeout=400)
+    assert code == 0, stderr
+    assert_exact_budget(load(f"sqlite:///{out}/study.db"), 3)
+
+
+def test_a_second_ctrl_c_stops_at_once_without_a_traceback(mnist_dir, tmp_path):
+    out = str(tmp_path / "run")
+    process = start_tune(mnist_dir, out, "--n-trials", "2", "--epochs", "200", "--pruner", "none")
     wait_for_a_trial_mid_training(process, f"sqlite:///{out}/study.db")
     os.killpg(process.pid, signal.SIGINT)
-    code, stdout, stderr = finish(process)
-    assert code == 130 and "Traceback" not in stderr, stderr
-    assert not load(f"sqlite:///{out}/study.db").get_trials(states=[TrialState.RUNNING])
+    os.killpg(process.pid, signal.SIGINT)
+    assert_stopped_cleanly(*finish(process))
+
+
+def test_ctrl_c_during_the_final_retrain_exits_130_and_the_rerun_retrains(mnist_dir, tmp_path):
+    out = str(tmp_path / "run")
+    flags = ["--n-trials", "1", "--epochs", "60", "--pruner", "none"]
+    process = start_tune(mnist_dir, out, *flags, final=True)
+    for line in process.stdout:
+        if line.startswith("retraining"):
+            break
+    time.sleep(0.5)
+    os.killpg(process.pid, signal.SIGINT)
+    assert_stopped_cleanly(*finish(process))
+    assert not os.path.exists(os.path.join(out, "best.json"))
+    code, stdout, stderr = finish(start_tune(mnist_dir, out, *flags, final=True))
+    assert code == 0 and "test_accuracy" in stdout, stderr
+
+
+@pytest.mark.parametrize("delay", [1.0, None])
+def test_ctrl_c_with_two_workers_stops_both_cleanly(mnist_dir, tmp_path, delay):
+    out = str(tmp_path / "run")
+    process = start_tune(mnist_dir, out, "--workers", "2", "--n-trials", "4", "--epochs", "200", "--pruner", "none")
+    if delay is None:  # mid-trial
+        wait_for_a_trial_mid_training(process, f"sqlite:///{out}/study.db")
+    else:  # start-up: the parent is still importing, or starting its workers
+        time.sleep(delay)
+    os.killpg(process.pid, signal.SIGINT)
+    assert_stopped_cleanly(*finish(process))
+    if os.path.exists(f"{out}/study.db"):
+        assert not load(f"sqlite:///{out}/study.db").get_trials(states=[TrialState.RUNNING])
 
 
 def resident_mb():
@@ -128,13 +188,11 @@ def resident_mb():
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads Linux's /proc")
 def test_memory_stays_flat_over_100_trials_in_one_process(mnist_dir, tmp_path):
     args = tune.parse_args(["--data-dir", mnist_dir, "--out", str(tmp_path / "run"), "--epochs", "1",
-                            "--device", "cpu", "--n-trials", "5"])
-    data = tune.load_mnist(mnist_dir, tune.torch.device("cpu"))
-    study = tune.open_study(args)
-    tune.run_trials(study, data, args)  # warm up: allocator pools, imports, caches
+                            "--device", "cpu"])
+    study, objective = tune.setup(args)
+    parallel.run_trials(study, objective, n_trials=5)  # warm up: allocator pools, imports, caches
     before = resident_mb()
-    args.n_trials = 105
-    tune.run_trials(study, data, args)
+    parallel.run_trials(study, objective, n_trials=105)
     assert len(study.get_trials(states=FINISHED)) == 105
     assert resident_mb() - before < 50
 
@@ -142,10 +200,13 @@ def test_memory_stays_flat_over_100_trials_in_one_process(mnist_dir, tmp_path):
 POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL")
 
 
-@pytest.mark.skipif(not POSTGRES_URL and not os.environ.get("CI"),
-                    reason="set TEST_POSTGRES_URL (.ci/run starts a server and does)")
+REQUIRE_POSTGRES = os.environ.get("MNIST_OPTUNA_REQUIRE_POSTGRES") == "1"  # set by .ci/run, which starts a server
+
+
+@pytest.mark.skipif(not POSTGRES_URL and not REQUIRE_POSTGRES,
+                    reason="set TEST_POSTGRES_URL=postgresql://... to a database this test may write to")
 def test_two_machines_on_postgresql_run_one_study_with_the_exact_budget(mnist_dir, tmp_path):
-    assert POSTGRES_URL, "CI must provide a PostgreSQL server: .ci/run sets TEST_POSTGRES_URL"
+    assert POSTGRES_URL, "MNIST_OPTUNA_REQUIRE_POSTGRES=1 but TEST_POSTGRES_URL is not set"
     name = f"pg-{os.getpid()}-{time.time_ns()}"
     flags = ["--storage", POSTGRES_URL, "--study-name", name, "--n-trials", "6", "--epochs", "20", "--pruner", "none"]
     # Two separate `python tune.py` commands, as two machines would run them, each its own --seed.

@@ -1,3 +1,5 @@
+import hashlib
+import json
 import os
 
 import optuna
@@ -5,7 +7,7 @@ import pandas as pd
 import pytest
 
 import tune
-from conftest import run_script
+from conftest import assert_usage_error, run_script
 
 TINY = ["--n-trials", "4", "--epochs", "1", "--device", "cpu", "--no-final"]
 
@@ -22,11 +24,15 @@ def test_tiny_study_end_to_end_writes_trials_csv_then_resumes_without_training(m
     trials = pd.read_csv(os.path.join(out, "trials.csv"))
     assert len(trials) == 4
     for column in ["number", "state", "value", "duration", "params_learning_rate", "params_hidden_size",
-                   "params_batch_size", "user_attrs_best_val_accuracy", "user_attrs_last_val_accuracy",
+                   "params_batch_size", "user_attrs_best_val_accuracy", "user_attrs_train_loss",
                    "user_attrs_seed"]:
         assert column in trials.columns
     assert set(trials["state"]) <= {"COMPLETE", "PRUNED"}
     assert trials["value"].max() > 0.5
+    # One meaning of a value: the validation accuracy of the final weights, i.e. the last report.
+    study = optuna.load_study(study_name="mnist-mlp", storage=f"sqlite:///{out}/study.db")
+    for trial in study.trials:
+        assert trial.value == trial.intermediate_values[max(trial.intermediate_values)]
     # The same command again (in this process, to save a start-up) trains nothing and says so.
     tune.main(["--data-dir", mnist_dir, "--out", out, *TINY])
     assert "nothing to train" in capsys.readouterr().out
@@ -57,3 +63,66 @@ def test_search_space_never_builds_an_sgd_that_raises():
         hparams = tune.suggest_hparams(trial, epochs=1)
         assert not (hparams["nesterov"] and hparams["momentum"] == 0)
         study.tell(trial, 0.0)
+
+
+def configurations(out):
+    study = optuna.load_study(study_name="mnist-mlp", storage=f"sqlite:///{out}/study.db")
+    return [tuple(sorted(trial.params.items())) for trial in study.trials]
+
+
+def test_a_resumed_study_draws_new_configurations(mnist_dir, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    tune.main(["--data-dir", mnist_dir, "--out", out, *TINY])
+    tune.main(["--data-dir", mnist_dir, "--out", out, *TINY, "--n-trials", "8"])
+    assert len(configurations(out)) == 8 and len(set(configurations(out))) == 8
+    # ...while a fresh run with the same --seed is the same run.
+    tune.main(["--data-dir", mnist_dir, "--out", str(tmp_path / "again"), *TINY])
+    assert configurations(str(tmp_path / "again")) == configurations(out)[:4]
+
+
+def fingerprint(folder):
+    return {name: hashlib.sha256((folder / name).read_bytes()).hexdigest() for name in sorted(os.listdir(folder))}
+
+
+def test_a_study_keeps_its_settings_a_resume_with_others_is_refused_untouched(mnist_dir, tmp_path):
+    out = tmp_path / "run"
+    assert tiny_tune(mnist_dir, str(out)).returncode == 0
+    before = fingerprint(out)
+    result = tiny_tune(mnist_dir, str(out), "--epochs", "2", "--n-trials", "6")
+    assert_usage_error(result, "epochs 1", "2", "--study-name")
+    assert fingerprint(out) == before
+
+
+def test_best_json_is_reused_only_for_the_same_study_trial_and_data(mnist_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["--data-dir", mnist_dir, "--out", str(out), "--n-trials", "2", "--epochs", "1", "--device", "cpu"]
+    tune.main(argv)
+    best = json.loads((out / "best.json").read_text())
+    for key in ["study", "trial_number", "epochs", "seed", "data_dir", "train_images", "val_images", "test_images",
+                "params", "val_accuracy", "test_accuracy", "sampler", "pruner", "torch", "optuna"]:
+        assert key in best
+    capsys.readouterr()
+    tune.main(argv)
+    assert "nothing to retrain" in capsys.readouterr().out
+    (out / "best.json").write_text(json.dumps(dict(best, study="another-study", test_accuracy=0.0)))
+    tune.main(argv)
+    assert "retraining" in capsys.readouterr().out
+    assert json.loads((out / "best.json").read_text())["test_accuracy"] == best["test_accuracy"]
+
+
+def test_a_diverging_retrain_says_so_in_one_line_and_keeps_the_study(mnist_dir, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    real_train = tune.train
+
+    def diverge_in_the_retrain(model, data, hparams, trial=None, **kwargs):
+        if trial is None:
+            raise FloatingPointError("loss became nan/inf in epoch 1 (learning rate too high?)")
+        return real_train(model, data, hparams, trial, **kwargs)
+
+    monkeypatch.setattr(tune, "train", diverge_in_the_retrain)
+    with pytest.raises(SystemExit) as exit_:
+        tune.main(["--data-dir", mnist_dir, "--out", str(out), "--n-trials", "2", "--epochs", "1", "--device", "cpu"])
+    stderr = capsys.readouterr().err
+    assert exit_.value.code == 1 and len(stderr.strip().splitlines()) == 1 and "diverged" in stderr
+    assert len(pd.read_csv(out / "trials.csv")) == 2 and not (out / "best.json").exists()
+    assert len(optuna.load_study(study_name="mnist-mlp", storage=f"sqlite:///{out}/study.db").trials) == 2

@@ -1,0 +1,231 @@
+"""The machinery beside tune.py: crash-safe storage, an exact budget, worker processes, Ctrl-C.
+
+tune.py holds the Optuna idea (search space, objective, study). This file keeps a study whole
+when a process dies, when several processes or machines share it, and when someone presses Ctrl-C:
+
+    storage = parallel.connect("sqlite:///runs/x/study.db", heartbeat=10)   # for optuna.create_study
+    with parallel.handle_ctrl_c():
+        finished = parallel.optimize(study, objective, n_trials=30, workers=2, start_worker=setup)
+
+It imports nothing from tune.py: tune.py hands it a study, an objective, and `start_worker(i)`,
+which sets up worker process i and returns that process's (study, objective).
+
+Terms: a *heartbeat* is a timestamp a running trial writes every few seconds; a trial silent for
+GRACE of them belongs to a dead process, so it is marked FAIL and its parameters are queued again
+(a WAITING trial). The *budget* counts finished (COMPLETE or PRUNED), RUNNING and WAITING trials.
+"""
+import contextlib
+import multiprocessing
+import os
+import re
+import signal
+import socket
+import time
+import warnings
+
+import optuna
+import sqlalchemy
+from optuna.trial import TrialState
+
+# Heartbeats, their retry callback and fail_stale_trials have been marked experimental since
+# Optuna 2.8/2.9; the warning says nothing new on every run.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+# ---------------------------------------------------------------------------- settings
+GRACE = 3             # heartbeats a trial may miss before it is failed and retried
+MAX_RETRY = 2         # how often a dead process's trial is given again
+SQLITE_WAIT = 60      # seconds a SQLite write waits for another process's lock
+# ------------------------------------------------------------------------------------
+
+
+class StorageError(Exception):
+    """A storage URL that cannot be opened; the message says why and what to pass instead."""
+
+
+class BudgetTaken(Exception):
+    """Another worker took the study's last trial a moment before this one."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C: the running trial stops at its next report and is marked FAIL."""
+
+
+def connect(url, heartbeat):
+    """An Optuna RDB storage whose running trials send heartbeats every `heartbeat` seconds."""
+    safe_url = re.sub(r"(//[^:/@]*:)[^@]*@", r"\1***@", url)  # never print a password
+    for attempt in range(3):
+        try:
+            storage = optuna.storages.RDBStorage(
+                url, engine_kwargs={"connect_args": {"timeout": SQLITE_WAIT}} if url.startswith("sqlite")
+                else {"pool_pre_ping": True},
+                heartbeat_interval=heartbeat, grace_period=GRACE * heartbeat,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY))
+            if storage.engine.dialect.name == "sqlite":
+                lock_sqlite_writes_up_front(storage.engine)
+            return storage
+        except ImportError:  # Optuna's "Failed to import DB access module"
+            raise StorageError(f"{safe_url}: this database's Python driver is missing; for PostgreSQL: "
+                               "pip install -r requirements-postgres.txt") from None
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError) as error:
+            # Two processes creating a new database's tables at once: one loses, waits, tries again.
+            if attempt == 2:
+                raise StorageError(f"{safe_url}: {str(error).splitlines()[0]}") from None
+            time.sleep(1)
+        except Exception as error:
+            raise StorageError(f"{safe_url}: {str(error).splitlines()[0]}; expected sqlite:///path/study.db "
+                               "or postgresql://user:password@host/database") from None
+
+
+def lock_sqlite_writes_up_front(engine):
+    """Every transaction takes SQLite's write lock as it begins (BEGIN IMMEDIATE), and so waits for it.
+
+    With SQLite's default (deferred) transactions, the heartbeat thread and the main thread both
+    read, then write; each can hold what the other waits for, and SQLite then answers "database is
+    locked" at once instead of waiting (optuna issue #4994). Set after Optuna has created its
+    tables: that start-up nests two connections, which would then wait for each other. Also WAL
+    mode: readers (report.py, a dashboard) never block a write, and a commit costs no fsync (a
+    killed process loses nothing; a power cut may lose the last writes, never the database)."""
+    def on_connect(dbapi_connection, record):
+        dbapi_connection.isolation_level = None  # the driver begins nothing; "begin" below does
+        dbapi_connection.execute("PRAGMA journal_mode=WAL")
+        dbapi_connection.execute("PRAGMA synchronous=NORMAL")
+
+    sqlalchemy.event.listen(engine, "connect", on_connect)
+    sqlalchemy.event.listen(engine, "begin", lambda connection: connection.exec_driver_sql("BEGIN IMMEDIATE"))
+    engine.dispose()  # connections made before the listeners: closed, so every new one has them
+
+
+# ------------------------------------------------------------------ Ctrl-C: stop at a safe point
+stop_requested = False  # set by the first Ctrl-C while trials run; read at every report
+trials_running = False  # between these moments a Ctrl-C asks; at any other moment it stops at once
+worker_processes = []   # this process's workers, which hear Ctrl-C from it (as SIGTERM)
+
+
+def on_ctrl_c(signum, frame):
+    """The first Ctrl-C while trials run asks them to stop at a safe point; any other, now.
+
+    A handler that raised KeyboardInterrupt (Python's default) could land inside a database write
+    and leave a trial half-told. This one only sets a flag, which trials read right after each
+    report (see `optimize_one`). It writes with os.write: print() here could re-enter a print()
+    that the signal interrupted."""
+    global stop_requested
+    if trials_running and not stop_requested:
+        stop_requested = True
+        os.write(2, b"\nCtrl-C: the running trial stops at its next report (Ctrl-C again to stop at once)\n")
+        for worker in worker_processes:
+            os.kill(worker.pid, signal.SIGTERM)
+        return
+    os.write(2, b"\ninterrupted at once: a running trial is failed and retried by the next run\n")
+    for worker in worker_processes:
+        worker.kill()
+    os._exit(130)
+
+
+@contextlib.contextmanager
+def handle_ctrl_c():
+    """Ctrl-C goes to on_ctrl_c inside this block, unless it is ignored (nohup, a background job)."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, on_ctrl_c)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+# ------------------------------------------------------------------ running trials
+def optimize_one(study, objective, n_trials, callbacks):
+    """One trial with the exact budget and a Ctrl-C check at each report; False if Ctrl-C stopped it."""
+    def guarded(trial):
+        # Trial numbers are handed out atomically by the storage, so "is this trial past the budget,
+        # counting the unfailed trials before it?" has one answer on every worker: the budget is exact.
+        earlier = [t for t in trial.study.get_trials(deepcopy=False) if t.number < trial.number]
+        if sum(t.state != TrialState.FAIL for t in earlier) >= n_trials:
+            trial.set_user_attr("fail_reason", "not trained: another worker took the last trial of the budget")
+            raise BudgetTaken()
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        should_prune = trial.should_prune
+
+        def should_prune_or_stop():  # train() asks this right after every trial.report(): a safe point
+            if stop_requested:
+                trial.study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+                raise Interrupted()
+            return should_prune()
+
+        trial.should_prune = should_prune_or_stop
+        return objective(trial)
+
+    try:  # Optuna marks the trial FAIL when the objective raises, then raises it again here
+        study.optimize(guarded, n_trials=1, catch=(BudgetTaken,), callbacks=callbacks)
+    except Interrupted:
+        return False
+    return True
+
+
+def run_trials(study, objective, n_trials, timeout=None, callbacks=()):
+    """Trials until the study holds n_trials, then wait for those still running elsewhere: if one's
+    process dies, its heartbeat stops, and this process runs the retry. False if Ctrl-C stopped it."""
+    deadline = time.monotonic() + (timeout or float("inf"))
+    said_waiting = False
+    while time.monotonic() < deadline and not stop_requested:
+        optuna.storages.fail_stale_trials(study)  # silent too long: failed, and queued again
+        trials = [t for t in study.get_trials(deepcopy=False) if t.state != TrialState.FAIL]
+        if len(trials) < n_trials or any(t.state == TrialState.WAITING for t in trials):
+            if not optimize_one(study, objective, n_trials, callbacks):
+                return False
+            continue
+        running = sum(t.state == TrialState.RUNNING for t in trials)
+        if not running:
+            return True
+        if not said_waiting:
+            print(f"waiting for {running} running trial(s) of other workers; a dead worker's trial is "
+                  f"failed and retried after {GRACE} missed heartbeats", flush=True)
+            said_waiting = True
+        time.sleep(1)
+    return not stop_requested
+
+
+def optimize(study, objective, n_trials, timeout=None, callbacks=(), workers=1, start_worker=None):
+    """Run the study to n_trials in this process and workers - 1 more; False if Ctrl-C stopped it.
+
+    Each extra worker is a fresh process (spawn: no CUDA or lock state copied) that calls
+    start_worker(i) for its own study connection and data, then runs trials like this one."""
+    global trials_running, stop_requested
+    stop_requested = False
+    worker_processes.clear()
+    start_workers(start_worker, workers, n_trials, timeout, callbacks)
+    trials_running = True
+    try:
+        finished = run_trials(study, objective, n_trials, timeout, callbacks)
+        for worker in worker_processes:
+            worker.join()
+    finally:
+        trials_running = False
+    failed = [worker.exitcode for worker in worker_processes if worker.exitcode]
+    if failed and not stop_requested:
+        raise RuntimeError(f"worker exit codes {failed}: see the errors above")
+    return finished and not stop_requested
+
+
+def start_workers(start_worker, count, n_trials, timeout, callbacks):
+    spawn = multiprocessing.get_context("spawn")
+    # The terminal sends Ctrl-C to every process of the job. Workers inherit an ignored SIGINT from
+    # these lines, so none dies mid-start-up, and stop when this process tells them (SIGTERM).
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        for worker in range(1, count):
+            process = spawn.Process(target=worker_main, args=(start_worker, worker, n_trials, timeout, callbacks))
+            process.start()
+            worker_processes.append(process)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def worker_main(start_worker, worker, n_trials, timeout, callbacks):
+    global trials_running
+    signal.signal(signal.SIGTERM, on_ctrl_c)  # the parent's "stop at a safe point", then "now"
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    study, objective = start_worker(worker)
+    trials_running = True
+    run_trials(study, objective, n_trials, timeout, callbacks)
