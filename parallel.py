@@ -20,6 +20,7 @@ import os
 import re
 import signal
 import socket
+import sys
 import time
 import warnings
 
@@ -112,13 +113,19 @@ def on_ctrl_c(signum, frame):
     if trials_running and not stop_requested:
         stop_requested = True
         os.write(2, b"\nCtrl-C: the running trial stops at its next report (Ctrl-C again to stop at once)\n")
-        for worker in worker_processes:
-            os.kill(worker.pid, signal.SIGTERM)
+        signal_workers(signal.SIGTERM)
         return
-    os.write(2, b"\ninterrupted at once: a running trial is failed and retried by the next run\n")
-    for worker in worker_processes:
-        worker.kill()
+    os.write(2, b"\nstopped at once: a trial left running is retried once its heartbeat is stale\n"
+             if stop_requested else b"\ninterrupted\n")
+    signal_workers(signal.SIGKILL)
     os._exit(130)
+
+
+def signal_workers(signum):
+    for worker in worker_processes:
+        if worker.exitcode is None:  # still running: an ended worker's pid may belong to another process
+            with contextlib.suppress(ProcessLookupError):  # it ended a moment ago
+                os.kill(worker.pid, signum)
 
 
 @contextlib.contextmanager
@@ -202,9 +209,9 @@ def optimize(study, objective, n_trials, timeout=None, callbacks=(), workers=1, 
             worker.join()
     finally:
         trials_running = False
-    failed = [worker.exitcode for worker in worker_processes if worker.exitcode]
-    if failed and not stop_requested:
-        raise RuntimeError(f"worker exit codes {failed}: see the errors above")
+    crashed = [worker.exitcode for worker in worker_processes if worker.exitcode]
+    if crashed and not stop_requested:  # its trial was failed and retried here (heartbeat), or will be
+        print(f"warning: worker exit codes {crashed}: see the errors above", file=sys.stderr)
     return finished and not stop_requested
 
 

@@ -45,6 +45,16 @@ def write_trials_csv(study, out):
     return path
 
 
+def progress_line(study, trial):
+    """One line for a finished trial: state, value, seconds, the best so far, and why it stopped."""
+    value = "-" if trial.value is None else f"{trial.value:.4f}"
+    seconds = (trial.datetime_complete - trial.datetime_start).total_seconds()
+    best = max((t.value for t in study.get_trials(deepcopy=False, states=[TrialState.COMPLETE])), default=None)
+    why = trial.user_attrs.get("fail_reason") or trial.user_attrs.get("pruned_reason") or ""
+    return (f"trial {trial.number:3d} {trial.state.name:8s} val_accuracy {value}  {seconds:5.1f} s  "
+            f"best {'-' if best is None else format(best, '.4f')}  {why}").rstrip()
+
+
 def summary(study):
     """Counts by state, then the best trial, as lines of text."""
     counts = {state: 0 for state in TrialState}

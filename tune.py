@@ -104,9 +104,10 @@ def open_study(args, worker, data):
 
 def keep_settings(study, settings):
     kept = study.user_attrs.get("settings")
-    if kept is None:
+    if kept is None:  # a new study (or one from before settings were kept): these are its settings
         study.set_user_attr("settings", settings)
-    for name, value in (kept or {}).items():
+        return
+    for name, value in kept.items():
         if settings.get(name) != value:
             raise SetupError(f"study {study.study_name!r} was run with {name} {value}, this run has "
                              f"{settings.get(name)}: resume it as it was run, or pass another --study-name or --out")
@@ -126,13 +127,7 @@ def setup(args, worker=0):
 
 def after_trial(study, trial):
     """Optuna calls this after each trial: one line of progress; on CUDA, the trial's memory freed."""
-    value = "-" if trial.value is None else f"{trial.value:.4f}"
-    seconds = (trial.datetime_complete - trial.datetime_start).total_seconds()
-    best = max((t.value for t in study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.COMPLETE])),
-               default=None)
-    why = trial.user_attrs.get("fail_reason") or trial.user_attrs.get("pruned_reason") or ""
-    print(f"trial {trial.number:3d} {trial.state.name:8s} val_accuracy {value}  {seconds:5.1f} s  "
-          f"best {'-' if best is None else format(best, '.4f')}  {why}".rstrip(), flush=True)
+    print(report.progress_line(study, trial), flush=True)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 

@@ -1,8 +1,10 @@
 import json
 import os
 
+import optuna
 import pytest
 import torch
+from optuna.trial import TrialState
 from PIL import Image
 
 import report
@@ -83,3 +85,17 @@ def test_report_script_redraws_from_the_storage(finished_run, tmp_path):
     assert os.path.exists(os.path.join(out, "trials.csv")) and "best: trial" in result.stdout
     missing = run_script("report.py", tmp_path / "nowhere", cwd=tmp_path)
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
+
+
+def test_a_big_studys_learning_curves_keep_a_short_legend():
+    study = optuna.create_study(direction="maximize")
+    for number in range(30):
+        trial = study.ask()
+        for step in range(4 if number % 2 else 1):  # odd trials complete, even ones are pruned at once
+            trial.report(number / 30 + step, step)
+        study.tell(trial, number / 30 + 3 if number % 2 else None,
+                   state=TrialState.COMPLETE if number % 2 else TrialState.PRUNED)
+    ax = report.intermediate_values(study)
+    assert len(ax.get_lines()) == 30  # every trial is still drawn...
+    assert [text.get_text() for text in ax.get_legend().get_texts()] == ["complete", "pruned"]  # ...not listed
+    report.pyplot().close(ax.figure)

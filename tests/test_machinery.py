@@ -1,0 +1,81 @@
+"""parallel.py on its own, with a toy objective (no MNIST, no tune.py): budget, Ctrl-C, storage errors."""
+import os
+import signal
+import subprocess
+import sys
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+import parallel
+from conftest import ROOT
+
+
+def reporting_objective(trial):
+    """A garden-like objective that reports five steps, as a training loop does."""
+    x = trial.suggest_float("x", 0.0, 250.0)
+    for step in range(5):
+        trial.report(x * (500 - 2 * x) * (step + 1) / 5, step)
+        if trial.should_prune():
+            raise optuna.TrialPruned()
+    return x * (500 - 2 * x)
+
+
+def sqlite_study(tmp_path, name="toy"):
+    storage = parallel.connect(f"sqlite:///{tmp_path}/study.db", heartbeat=1)
+    return optuna.create_study(storage=storage, study_name=name, direction="maximize", load_if_exists=True)
+
+
+def test_optimize_fills_the_budget_exactly_and_a_rerun_adds_nothing(tmp_path):
+    study = sqlite_study(tmp_path)
+    assert parallel.optimize(study, reporting_objective, n_trials=5)
+    assert parallel.optimize(sqlite_study(tmp_path), reporting_objective, n_trials=5)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 5
+
+
+def test_ctrl_c_stops_the_trial_at_its_next_report_fails_it_and_queues_it_again(tmp_path):
+    study = sqlite_study(tmp_path)
+
+    def interrupted_at_step_2(trial):
+        x = trial.suggest_float("x", 0.0, 250.0)
+        for step in range(5):
+            if step == 2:
+                os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, mid-trial
+            trial.report(x, step)
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+        return x
+
+    with parallel.handle_ctrl_c():
+        finished = parallel.optimize(study, interrupted_at_step_2, n_trials=3)
+    assert finished is False
+    failed, queued = study.trials
+    assert failed.state == TrialState.FAIL and sorted(failed.intermediate_values) == [0, 1, 2]
+    assert queued.state == TrialState.WAITING and queued.user_attrs["retry_of"] == failed.number
+    # The resume runs the same configuration first, then new ones, to exactly the budget.
+    assert parallel.optimize(study, reporting_objective, n_trials=3)
+    assert study.trials[1].params == failed.params
+    assert sum(t.state == TrialState.COMPLETE for t in study.trials) == 3
+
+
+def test_a_bad_storage_url_is_one_line_without_the_password():
+    with pytest.raises(parallel.StorageError) as error:
+        parallel.connect("postgresql://user:secret@127.0.0.1:9/none", heartbeat=10)
+    assert "secret" not in str(error.value) and "***" in str(error.value)
+    assert len(str(error.value).splitlines()) == 1
+
+
+def test_parallel_imports_neither_tune_nor_torch():
+    code = "import sys, parallel; assert not {'tune', 'torch'} & set(sys.modules), sorted(sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("script", ["garden.py", "train_loop.py", "tune.py", "report.py", "predict.py",
+                                    "benchmarks/search.py", "benchmarks/soak.py", "benchmarks/workers.py",
+                                    "benchmarks/train_speed.py", "benchmarks/profile_step.py"])
+def test_every_script_answers_help(script):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode == 0 and "usage:" in result.stdout, result.stderr
