@@ -1,6 +1,6 @@
 """MNIST as tensors on the device, and a hand-written SGD train/validate loop that Optuna can prune.
 
-    python train_loop.py --data-dir ../shared/data/mnist-sample    # train DEFAULT_HPARAMS once
+    python train_loop.py --data-dir DIR                 # train DEFAULT_HPARAMS once on DIR/MNIST/raw
     python train_loop.py --learning-rate 0.05 --epochs 5           # any hyperparameter is a flag
 
 What tune.py (and your own project) takes from here:

@@ -1,6 +1,6 @@
 """Where does a training step's time go? torch.profiler over one epoch of the real train().
 
-    python benchmarks/profile_step.py --data-dir ../shared/data/mnist-sample
+    python benchmarks/profile_step.py --data-dir DIR
 
 Prints, per batch size, the share of CPU time in the model's matrix products, in dropout's random
 masks, in the optimizer, and in everything else (autograd bookkeeping, Python, small ops), then
@@ -34,7 +34,7 @@ def epoch_seconds(data, hparams):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", default="../shared/data/mnist-sample", help="(default: ../shared/data/mnist-sample)")
+    parser.add_argument("--data-dir", required=True, help="folder with MNIST/raw inside")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 1024], help="(default: 32 1024)")
     args = parser.parse_args()
     data = load_mnist(args.data_dir, pick_device("cpu"))

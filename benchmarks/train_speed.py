@@ -1,6 +1,6 @@
 """How fast is one trial's training? Three ways, side by side, in one run, on the same digits.
 
-    python benchmarks/train_speed.py --data-dir ../shared/data/mnist-sample
+    python benchmarks/train_speed.py --data-dir DIR
 
 anchor   the usual way (optuna-examples pytorch/pytorch_simple.py): a DataLoader over
          torchvision's MNIST with per-image ToTensor + Normalize, built again for the trial
@@ -96,7 +96,7 @@ def synchronize(device):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", default="../shared/data/mnist-sample", help="(default: ../shared/data/mnist-sample)")
+    parser.add_argument("--data-dir", required=True, help="folder with MNIST/raw inside")
     parser.add_argument("--device", default="auto", help="(default: auto)")
     parser.add_argument("--repeats", type=int, default=5, help="runs per figure; the median is shown (default: 5)")
     args = parser.parse_args()

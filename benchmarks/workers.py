@@ -1,6 +1,6 @@
 """Finished trials per minute with --workers 2 against --workers 1, side by side, in one run.
 
-    python benchmarks/workers.py --data-dir ../shared/data/mnist-sample
+    python benchmarks/workers.py --data-dir DIR
 
 Runs `python tune.py` as a user would (default search space and pruner, the default SQLite
 storage), once per worker count, and measures from the study itself: the seconds from the
