@@ -47,8 +47,13 @@ def test_ctrl_c_stops_the_trial_at_its_next_report_fails_it_and_queues_it_again(
                 raise optuna.TrialPruned()
         return x
 
-    with parallel.handle_ctrl_c():
-        finished = parallel.optimize(study, interrupted_at_step_2, n_trials=3)
+    # Ctrl-C's default meaning, even when pytest runs with SIGINT ignored (a background job).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with parallel.handle_ctrl_c():
+            finished = parallel.optimize(study, interrupted_at_step_2, n_trials=3)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert finished is False
     failed, queued = study.trials
     assert failed.state == TrialState.FAIL and sorted(failed.intermediate_values) == [0, 1, 2]
