@@ -69,8 +69,8 @@ def make_sampler(name, seed):
 
 
 def make_pruner(name, epochs):
-    """Resources are reports, EVALS_PER_EPOCH of them an epoch. Optuna shows the sampler only a
-    Hyperband trial's own bracket; successive halving is one bracket: the sampler sees every trial."""
+    """Resources are reports, EVALS_PER_EPOCH of them an epoch. A rung is a report at which a trial
+    is compared with every trial that reached it before; only the best go on."""
     if name == "halving":  # judged at half an epoch and at 1.5 epochs: the best third goes on at each
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=EVALS_PER_EPOCH // 2, reduction_factor=3)
     if name == "hyperband":  # the same, in brackets that start judging at different rungs
@@ -97,8 +97,8 @@ def open_study(args, worker, data):
     # A sampler seeded by --seed alone would restart its random stream on every resume and repeat
     # the trials before it. Seeded also by the worker and the trials already there, each process
     # continues where the study stands; a fresh run with the same --seed is still the same run.
-    study.sampler = make_sampler(args.sampler, int(np.random.SeedSequence([args.seed, worker, len(study.trials)])
-                                                   .generate_state(1)[0]))
+    seed = np.random.SeedSequence([args.seed, worker, len(study.trials)]).generate_state(1)[0]
+    study.sampler = make_sampler(args.sampler, int(seed))
     return study
 
 
