@@ -31,7 +31,7 @@ from train_loop import EVALS_PER_EPOCH, load_mnist  # noqa: E402
 
 def configurations(epochs):
     """name -> (sampler(seed), pruner()): what is compared. tpe(5): 5 random start-up trials, not 10.
-    halving(R, F): successive halving, first rung at R reports, the best 1/F go on at each rung."""
+    halving(F): successive halving, first rung at report 2, the best 1/F go on at each rung."""
     reports = epochs * EVALS_PER_EPOCH
     tpe = lambda seed: optuna.samplers.TPESampler(seed=seed)  # noqa: E731
     tpe5 = lambda seed: optuna.samplers.TPESampler(seed=seed, n_startup_trials=5)  # noqa: E731
@@ -39,10 +39,10 @@ def configurations(epochs):
     return {
         "tpe+hyperband": (tpe, hyperband),
         "tpe(5)+hyperband": (tpe5, hyperband),
-        "tpe+halving(2,4)": (tpe, lambda: optuna.pruners.SuccessiveHalvingPruner(min_resource=2, reduction_factor=4)),
+        "tpe+halving(4)": (tpe, lambda: optuna.pruners.SuccessiveHalvingPruner(min_resource=2, reduction_factor=4)),
         "tpe+median": (tpe, lambda: optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=2)),
         "tpe+none": (tpe, optuna.pruners.NopPruner),
-        # tune.py's own: TPE with successive halving from half an epoch on, a third going on (halving(2,3))
+        # tune.py's own: TPE with successive halving from report 2 on, a third going on (halving(3))
         "default": (lambda seed: tune.make_sampler(tune.SAMPLER, seed), lambda: tune.make_pruner(tune.PRUNER, epochs)),
         "random+none": (lambda seed: optuna.samplers.RandomSampler(seed=seed), optuna.pruners.NopPruner),
     }
