@@ -142,7 +142,7 @@ def train(model, data, hparams, trial=None, evals_per_epoch=EVALS_PER_EPOCH, ver
             if step not in report_steps:
                 continue
             # Checked here, not every step: reading a GPU value makes the CPU wait for the GPU. Once
-            # nan/inf, the weights stay so, and the latest loss shows it.
+            # nan/inf, the weights stay so, and the mean loss since the last report shows it.
             train_loss = loss_sum.item() / loss_steps  # mean since the last report
             loss_sum.zero_()
             loss_steps = 0
