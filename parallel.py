@@ -143,7 +143,7 @@ def handle_ctrl_c():
 
 # ------------------------------------------------------------------ running trials
 def optimize_one(study, objective, n_trials, callbacks):
-    """One trial with the exact budget and a Ctrl-C check at each report; False if Ctrl-C stopped it."""
+    """One trial with the exact budget and a Ctrl-C check at each report."""
     def guarded(trial):
         # Trial numbers are handed out atomically by the storage, so "is this trial past the budget,
         # counting the unfailed trials before it?" has one answer on every worker: the budget is exact.
@@ -166,8 +166,7 @@ def optimize_one(study, objective, n_trials, callbacks):
     try:  # Optuna marks the trial FAIL when the objective raises, then raises it again here
         study.optimize(guarded, n_trials=1, catch=(BudgetTaken,), callbacks=callbacks)
     except Interrupted:
-        return False
-    return True
+        pass  # stop_requested is set: the caller's loop ends
 
 
 def run_trials(study, objective, n_trials, timeout=None, callbacks=()):
@@ -179,8 +178,7 @@ def run_trials(study, objective, n_trials, timeout=None, callbacks=()):
         optuna.storages.fail_stale_trials(study)  # silent too long: failed, and queued again
         trials = [t for t in study.get_trials(deepcopy=False) if t.state != TrialState.FAIL]
         if len(trials) < n_trials or any(t.state == TrialState.WAITING for t in trials):
-            if not optimize_one(study, objective, n_trials, callbacks):
-                return False
+            optimize_one(study, objective, n_trials, callbacks)
             continue
         running = sum(t.state == TrialState.RUNNING for t in trials)
         if not running:
@@ -204,7 +202,7 @@ def optimize(study, objective, n_trials, timeout=None, callbacks=(), workers=1, 
     start_workers(start_worker, workers, n_trials, timeout, callbacks)
     trials_running = True
     try:
-        finished = run_trials(study, objective, n_trials, timeout, callbacks)
+        run_trials(study, objective, n_trials, timeout, callbacks)
         for worker in worker_processes:
             worker.join()
     finally:
@@ -212,7 +210,7 @@ def optimize(study, objective, n_trials, timeout=None, callbacks=(), workers=1, 
     crashed = [worker.exitcode for worker in worker_processes if worker.exitcode]
     if crashed and not stop_requested:  # its trial was failed and retried here (heartbeat), or will be
         print(f"warning: worker exit codes {crashed}: see the errors above", file=sys.stderr)
-    return finished and not stop_requested
+    return not stop_requested
 
 
 def start_workers(start_worker, count, n_trials, timeout, callbacks):
