@@ -4,6 +4,7 @@ tune.py holds the Optuna idea (search space, objective, study). This file keeps 
 when a process dies, when several processes or machines share it, and when someone presses Ctrl-C:
 
     storage = parallel.connect("sqlite:///runs/x/study.db", heartbeat=10)   # for optuna.create_study
+    parallel.check_resume(study, settings)       # a resumed study must be run as it was run before
     with parallel.handle_ctrl_c():
         finished = parallel.optimize(study, objective, n_trials=30, workers=2, start_worker=setup)
 
@@ -11,8 +12,9 @@ It imports nothing from tune.py: tune.py hands it a study, an objective, and `st
 which sets up worker process i and returns that process's (study, objective).
 
 Terms: a *heartbeat* is a timestamp a running trial writes every few seconds; a trial silent for
-GRACE of them belongs to a dead process, so it is marked FAIL and its parameters are queued again
-(a WAITING trial). The *budget* counts finished (COMPLETE or PRUNED), RUNNING and WAITING trials.
+GRACE of them belongs to a dead process, so it is marked FAIL and queued again (a WAITING trial
+with the same parameters and user attributes, among them its last checkpoint: see checkpoints.py).
+The *budget* counts finished (COMPLETE or PRUNED), RUNNING and WAITING trials.
 """
 import contextlib
 import multiprocessing
@@ -47,6 +49,10 @@ class BudgetTaken(Exception):
     """Another worker took the study's last trial a moment before this one."""
 
 
+class StudyMismatch(Exception):
+    """The study in the storage was run otherwise than this run would run it; the message says how."""
+
+
 class Interrupted(Exception):
     """Ctrl-C: the running trial stops at its next report and is marked FAIL."""
 
@@ -65,16 +71,32 @@ def connect(url, heartbeat):
                 lock_sqlite_writes_up_front(storage.engine)
             return storage
         except ImportError:  # Optuna's "Failed to import DB access module"
-            raise StorageError(f"{safe_url}: this database's Python driver is missing; for PostgreSQL: "
+            raise StorageError(f"--storage {safe_url}: this database's Python driver is missing; for PostgreSQL: "
                                "pip install -r requirements-postgres.txt") from None
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError) as error:
             # Two processes creating a new database's tables at once: one loses, waits, tries again.
             if attempt == 2:
-                raise StorageError(f"{safe_url}: {str(error).splitlines()[0]}") from None
+                raise StorageError(f"--storage {safe_url}: {str(error).splitlines()[0]}") from None
             time.sleep(1)
         except Exception as error:
-            raise StorageError(f"{safe_url}: {str(error).splitlines()[0]}; expected sqlite:///path/study.db "
+            raise StorageError(f"--storage {safe_url}: {str(error).splitlines()[0]}; expected sqlite:///path/study.db "
                                "or postgresql://user:password@host/database") from None
+
+
+def check_resume(study, settings):
+    """A study resumed must be the one this run would make: it maximises, and it was run with these
+    settings (stored in the study when it was new). Raises StudyMismatch otherwise."""
+    if study.direction != optuna.study.StudyDirection.MAXIMIZE:
+        raise StudyMismatch(f"study {study.study_name!r} in this storage minimises; this run maximises: "
+                            "pass another --study-name")
+    kept = study.user_attrs.get("settings")
+    if kept is None:  # a new study
+        study.set_user_attr("settings", settings)
+        return
+    for name, value in kept.items():
+        if settings.get(name) != value:
+            raise StudyMismatch(f"study {study.study_name!r} was run with {name} {value}, this run has "
+                                f"{settings.get(name)}: resume it as it was run, or pass another --study-name or --out")
 
 
 def lock_sqlite_writes_up_front(engine):
@@ -155,8 +177,9 @@ def optimize_one(study, objective, n_trials, callbacks):
         should_prune = trial.should_prune
 
         def should_prune_or_stop():  # train() asks this right after every trial.report(): a safe point
-            if stop_requested:
-                trial.study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+            if stop_requested:  # queued again as Optuna queues a dead process's trial (see connect)
+                running = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
+                optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=None)(trial.study, running)
                 raise Interrupted()
             return should_prune()
 
@@ -199,6 +222,8 @@ def optimize(study, objective, n_trials, timeout=None, callbacks=(), workers=1, 
     global trials_running, stop_requested
     stop_requested = False
     worker_processes.clear()
+    if sum(t.state != TrialState.FAIL for t in study.get_trials(deepcopy=False)) >= n_trials:
+        print(f"study {study.study_name!r} already holds its {n_trials} trials: nothing to train (raise --n-trials)")
     start_workers(start_worker, workers, n_trials, timeout, callbacks)
     trials_running = True
     try:

@@ -28,7 +28,7 @@ def load_model(path):
     if not os.path.isfile(path):
         raise SetupError(f"--model {path}: no such file; run tune.py first, or pass the best_model.pt it wrote")
     try:
-        saved = torch.load(path, weights_only=True)  # tensors and plain values only: no code is unpickled
+        saved = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain values only: no code
         model = MLP(*(saved["hparams"][key] for key in MODEL_KEYS))
         model.load_state_dict(saved["state_dict"])
     except Exception as error:  # not a torch file, another model's file, another shape

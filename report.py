@@ -7,6 +7,8 @@ tune.py calls the same functions after each study; run this file by hand to look
 is still running elsewhere (on other workers or machines) without touching it: it only reads.
 """
 import argparse
+import importlib.util
+import json
 import os
 import sys
 import warnings
@@ -30,9 +32,44 @@ def replace_atomically(path, write):
             os.remove(tmp_path)
 
 
+def cannot_write(folder):
+    """Make the folder if need be; None when files can be written there, else why not."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as error:
+        return error.strerror or str(error)
+    return None if os.access(folder, os.W_OK) else "not writable"
+
+
+def save_final(out, model_state, result):
+    """best_model.pt (for predict.py: weights on the CPU and the hparams) and best.json with the
+    versions that made it, each written whole or not at all."""
+    import torch  # here: only the final test needs it, and it takes seconds to import
+    result = {**result, "torch": torch.__version__, "optuna": optuna.__version__}
+    state = {**model_state, "state_dict": {k: v.cpu() for k, v in model_state["state_dict"].items()}}
+    replace_atomically(os.path.join(out, "best_model.pt"), lambda tmp: torch.save(state, tmp))
+    replace_atomically(os.path.join(out, "best.json"), lambda tmp: write_text(tmp, json.dumps(result, indent=2)))
+
+
+def tensorboard_folder(folder):
+    """An argparse type for --tensorboard: the folder, once we know the optional package is there."""
+    if importlib.util.find_spec("tensorboard") is None:
+        raise argparse.ArgumentTypeError("it needs the tensorboard package: pip install tensorboard")
+    return folder
+
+
 def write_text(path, text):
     with open(path, "w") as file:
         file.write(text)
+
+
+def holds(json_path, fields):
+    """True when the JSON file exists and has each of these fields with these values."""
+    if not os.path.exists(json_path):
+        return False
+    with open(json_path) as file:
+        saved = json.load(file)
+    return all(saved.get(name) == value for name, value in fields.items())
 
 
 def write_trials_csv(study, out):
@@ -51,6 +88,8 @@ def progress_line(study, trial):
     seconds = (trial.datetime_complete - trial.datetime_start).total_seconds()
     best = max((t.value for t in study.get_trials(deepcopy=False, states=[TrialState.COMPLETE])), default=None)
     why = trial.user_attrs.get("fail_reason") or trial.user_attrs.get("pruned_reason") or ""
+    if "resumed_from" in trial.user_attrs:
+        why = f"resumed from {trial.user_attrs['resumed_from']} {why}"
     return (f"trial {trial.number:3d} {trial.state.name:8s} val_accuracy {value}  {seconds:5.1f} s  "
             f"best {'-' if best is None else format(best, '.4f')}  {why}").rstrip()
 
@@ -70,6 +109,36 @@ def summary(study):
         lines += [f"    {name} = {value:.4g}" if isinstance(value, float) else f"    {name} = {value}"
                   for name, value in best.params.items()]
     return lines
+
+
+class TrialCurves:
+    """One TensorBoard run per trial (tune.py --tensorboard DIR): training loss, validation accuracy and
+    learning rate at every report; at the end the trial's hyperparameters, state and final value, for
+    TensorBoard's HParams view. `with TrialCurves(folder, trial) as log: train(..., log=log)`."""
+
+    def __init__(self, folder, trial):
+        from torch.utils.tensorboard import SummaryWriter  # optional, so loaded here: tune.py checks for it
+        self.trial, self.val_accuracy = trial, float("nan")
+        self.writer = SummaryWriter(os.path.join(folder, f"trial-{trial.number:04d}"))
+
+    def __call__(self, report, train_loss, val_accuracy, learning_rate):
+        self.writer.add_scalar("train_loss", train_loss, report)
+        self.writer.add_scalar("val_accuracy", val_accuracy, report)
+        self.writer.add_scalar("learning_rate", learning_rate, report)
+        self.val_accuracy = val_accuracy  # the last one is the trial's value (see train_loop.train)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, error_type, error, traceback):
+        from torch.utils.tensorboard.summary import hparams
+        state = ("COMPLETE" if error_type is None else "PRUNED" if issubclass(error_type, optuna.TrialPruned)
+                 else "FAIL")
+        metrics = {"hparam/val_accuracy": self.val_accuracy}
+        for summary in hparams({**self.trial.params, "state": state}, metrics):  # in this run's own file
+            self.writer.file_writer.add_summary(summary)
+        self.writer.add_scalar("hparam/val_accuracy", self.val_accuracy)
+        self.writer.close()
 
 
 LEGEND_LIMIT = 20  # past this many trials, a legend entry per trial would run off the figure

@@ -21,7 +21,6 @@ import sys
 import optuna
 import torch
 import torch.nn.functional as F
-import torchvision
 
 from mlp import MLP
 
@@ -62,6 +61,7 @@ def pick_device(name="auto"):
 
 def load_mnist(data_dir, device, download=True):
     """MNIST as normalised float tensors on `device`: train, val (a fixed split of train) and test."""
+    import torchvision  # here, not at the top: it takes seconds (it loads torch._dynamo), which tune.py's workers skip
     try:
         train_set = torchvision.datasets.MNIST(data_dir, train=True, download=download)
         test_set = torchvision.datasets.MNIST(data_dir, train=False, download=download)
@@ -102,7 +102,8 @@ def evaluate(model, x, y):
     return accuracy
 
 
-def train(model, data, hparams, trial=None, evals_per_epoch=EVALS_PER_EPOCH, verbose=False):
+def train(model, data, hparams, trial=None, evals_per_epoch=EVALS_PER_EPOCH, verbose=False,
+          resume=None, save=None, log=None):
     """Train with SGD; validate `evals_per_epoch` times an epoch; return the final validation accuracy.
 
     The value is that of the final weights, the model you would keep: the same number Optuna stores
@@ -111,6 +112,11 @@ def train(model, data, hparams, trial=None, evals_per_epoch=EVALS_PER_EPOCH, ver
     Given an Optuna trial it reports each validation accuracy and stops when the pruner says so.
     A loss that turns nan/inf ends the run at the next validation: the trial is pruned (the study
     goes on) with the reason in its user attributes; without a trial, FloatingPointError.
+
+    Optional: `save(checkpoint)` is called at the end of every epoch with everything needed to go
+    on (see `checkpoint`); `resume=checkpoint` goes on from there exactly, random states included,
+    so a resumed run ends with the very weights of an uninterrupted one (on the same machine).
+    `log(report, train_loss, val_accuracy, learning_rate)` is called at every validation.
     """
     train_x, train_y, val_x, val_y = data["train_x"], data["train_y"], data["val_x"], data["val_y"]
     model.to(train_x.device).train()
@@ -124,9 +130,11 @@ def train(model, data, hparams, trial=None, evals_per_epoch=EVALS_PER_EPOCH, ver
     schedule = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0, end_factor=0.0,
                                                  total_iters=hparams["epochs"] * steps_per_epoch)
     report_steps = {math.ceil(steps_per_epoch * k / evals_per_epoch) - 1 for k in range(1, evals_per_epoch + 1)}
-    best_val_accuracy, report = 0.0, 0
+    first_epoch, report, best_val_accuracy, val_accuracy, train_loss = 0, 0, 0.0, 0.0, math.nan
+    if resume is not None:
+        first_epoch, report, best_val_accuracy, val_accuracy, train_loss = restore(resume, model, optimizer, schedule)
     loss_sum, loss_steps = torch.zeros((), device=train_x.device), 0  # summed on the device: no sync per step
-    for epoch in range(hparams["epochs"]):
+    for epoch in range(first_epoch, hparams["epochs"]):
         # One shuffled copy per epoch, so that every minibatch below is a contiguous slice.
         order = torch.randperm(len(train_x), device=train_x.device)
         epoch_x, epoch_y = train_x[order], train_y[order]
@@ -157,16 +165,62 @@ def train(model, data, hparams, trial=None, evals_per_epoch=EVALS_PER_EPOCH, ver
             if verbose:
                 print(f"epoch {epoch + 1} step {step + 1}/{steps_per_epoch}: "
                       f"train_loss {train_loss:.4f}  val_accuracy {val_accuracy:.4f}")
+            if log is not None:
+                log(report, train_loss, val_accuracy, schedule.get_last_lr()[0])
+            report += 1
             if trial is None:
                 continue
-            trial.report(val_accuracy, report)
-            report += 1
+            trial.report(val_accuracy, report - 1)
             if trial.should_prune():
                 keep_on_trial(trial, train_loss, best_val_accuracy)
                 raise optuna.TrialPruned(f"val_accuracy {val_accuracy:.4f} at report {report}")
+        if save is not None:  # the last step of an epoch is a report: nothing is summed half-way
+            save(checkpoint(model, optimizer, schedule, hparams, epoch + 1, report, best_val_accuracy,
+                            val_accuracy, train_loss))
     if trial is not None:
         keep_on_trial(trial, train_loss, best_val_accuracy)
     return val_accuracy
+
+
+def retrain_on_train_and_val(data, hparams, seed):
+    """The model to keep once tuning is over: the chosen hparams trained on train + validation
+    together (nothing is left to choose, so nothing to validate). Only the test set is left to score it."""
+    train_and_val = {**data, "train_x": torch.cat([data["train_x"], data["val_x"]]),
+                     "train_y": torch.cat([data["train_y"], data["val_y"]])}
+    model = seeded_model(hparams, seed)
+    train(model, train_and_val, hparams, evals_per_epoch=1)  # its validation reads are seen data: unused
+    return model
+
+
+def checkpoint(model, optimizer, schedule, hparams, epochs_done, report, best_val_accuracy, val_accuracy,
+               train_loss):
+    """All that train() needs to go on after `epochs_done` epochs, as one dict for torch.save. It
+    loads with predict.py too: "state_dict" and "hparams" describe the model."""
+    device = next(model.parameters()).device
+    random_state = {"cpu": torch.get_rng_state()}  # shuffles and dropout on the CPU
+    if device.type == "cuda":  # shuffles and dropout on a GPU draw from that GPU's generator
+        random_state["cuda"] = torch.cuda.get_rng_state(device)
+    elif device.type == "mps":
+        random_state["mps"] = torch.mps.get_rng_state()
+    return {"state_dict": model.state_dict(), "hparams": hparams, "optimizer": optimizer.state_dict(),
+            "schedule": schedule.state_dict(), "random_state": random_state, "epochs_done": epochs_done,
+            "report": report, "best_val_accuracy": best_val_accuracy, "val_accuracy": val_accuracy,
+            "train_loss": train_loss}
+
+
+def restore(saved, model, optimizer, schedule):
+    """Load a `checkpoint` into the model, optimizer, schedule and random generators; return the counters."""
+    model.load_state_dict(saved["state_dict"])
+    optimizer.load_state_dict(saved["optimizer"])
+    schedule.load_state_dict(saved["schedule"])
+    device = next(model.parameters()).device
+    torch.set_rng_state(saved["random_state"]["cpu"])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(saved["random_state"]["cuda"], device)
+    elif device.type == "mps":
+        torch.mps.set_rng_state(saved["random_state"]["mps"])
+    return (saved["epochs_done"], saved["report"], saved["best_val_accuracy"], saved["val_accuracy"],
+            saved["train_loss"])
 
 
 def keep_on_trial(trial, train_loss, best_val_accuracy):
@@ -179,6 +233,15 @@ def keep_on_trial(trial, train_loss, best_val_accuracy):
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line and exit code 2, instead of argparse's usage block
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def whole_number(minimum):
+    """An argparse type: a whole number of at least `minimum`."""
+    def parse(text):
+        if not text.isdigit() or int(text) < minimum:
+            raise argparse.ArgumentTypeError(f"expected a whole number of at least {minimum}, got {text!r}")
+        return int(text)
+    return parse
 
 
 def parse_args(argv=None):

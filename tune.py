@@ -2,13 +2,13 @@
 
     python tune.py                                  # full MNIST (downloaded into data/), 30 trials
     python tune.py --data-dir DIR --n-trials 20     # MNIST files you already have, in DIR/MNIST/raw
-    python tune.py --workers 2                      # two processes share the study on this machine
+    python tune.py --workers 2 --tensorboard runs/tb   # two processes; curves: tensorboard --logdir runs/tb
     python tune.py --storage postgresql://user:password@db-host/optuna --seed 1   # one per machine
 
-The same command again resumes the study. --n-trials is the study's total budget; Optuna's own
-`study.optimize(n_trials=...)` means "this many more". Everything lands in --out (default
-runs/<study-name>/): study.db, trials.csv, best.json, best_model.pt and four PNG plots. The test
-set is used once, after the study. Crash safety, workers and Ctrl-C live in parallel.py.
+The same command resumes the study, and a killed trial from its last epoch. --n-trials is the
+study's total (Optuna's `study.optimize(n_trials=...)`: "this many more"). Output, in runs/STUDY-NAME:
+study.db, artifacts/ (checkpoints), trials.csv, best.json, best_model.pt, plots. The test set is
+used once, after the study. Crash safety, workers, Ctrl-C: parallel.py; checkpoints: checkpoints.py.
 """
 import os
 import signal
@@ -18,18 +18,19 @@ import signal
 if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
     signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))
 
-import argparse
+import contextlib
 import functools
-import json
 import sys
 
 import numpy as np
 import optuna
 import torch
 
+import checkpoints
 import parallel
 import report
-from train_loop import EVALS_PER_EPOCH, SetupError, evaluate, load_mnist, pick_device, seeded_model, train
+from train_loop import (EVALS_PER_EPOCH, Parser, SetupError, evaluate, load_mnist, pick_device,
+                        retrain_on_train_and_val, seeded_model, train, whole_number)
 
 # ---------------------------------------------------------------------------- settings
 N_TRIALS = 30       # the study's budget: finished (complete + pruned) trials, across all runs
@@ -57,11 +58,14 @@ def suggest_hparams(trial, epochs):
     }
 
 
-def objective(trial, data, epochs, seed):
+def objective(trial, data, epochs, seed, store, tensorboard=None):
     """Suggest, build, train, return: the validation accuracy of the trained model's final weights."""
     hparams = suggest_hparams(trial, epochs)
     trial.set_user_attr("seed", seed)  # weights, shuffles and dropout: what the final retrain repeats
-    return train(seeded_model(hparams, seed), data, hparams, trial)
+    keeper = checkpoints.Keeper(trial, store, data["train_x"].device)  # saves each epoch; a retry resumes
+    with report.TrialCurves(tensorboard, trial) if tensorboard else contextlib.nullcontext() as log:
+        return train(seeded_model(hparams, seed), data, hparams, trial,
+                     resume=keeper.resume(), save=keeper.save, log=log)
 
 
 def make_sampler(name, seed):
@@ -81,55 +85,35 @@ def make_pruner(name, epochs):
     return optuna.pruners.NopPruner()
 
 
-def open_study(args, worker, data):
-    try:
-        storage = parallel.connect(args.storage, args.heartbeat)  # heartbeats: a dead process's trial is retried
-    except parallel.StorageError as error:
-        raise SetupError(f"--storage {error}") from None
-    study = optuna.create_study(storage=storage, study_name=args.study_name, direction="maximize",
-                                pruner=make_pruner(args.pruner, args.epochs), load_if_exists=True)
-    if study.direction != optuna.study.StudyDirection.MAXIMIZE:
-        raise SetupError(f"study {args.study_name!r} in this storage minimises; tune.py maximises accuracy: "
-                         "pass another --study-name")
-    # What a value means depends on these: a resume must not mix them (see keep_settings).
-    keep_settings(study, {"epochs": args.epochs, "pruner": args.pruner, "reports per epoch": EVALS_PER_EPOCH,
-                          "training images": len(data["train_x"]), "validation images": len(data["val_x"])})
-    # A sampler seeded by --seed alone would restart its random stream on every resume and repeat
-    # the trials before it. Seeded also by the worker and the trials already there, each process
-    # continues where the study stands; a fresh run with the same --seed is still the same run.
-    seed = np.random.SeedSequence([args.seed, worker, len(study.trials)]).generate_state(1)[0]
-    study.sampler = make_sampler(args.sampler, int(seed))
-    return study
-
-
-def keep_settings(study, settings):
-    kept = study.user_attrs.get("settings")
-    if kept is None:  # a new study (or one from before settings were kept): these are its settings
-        study.set_user_attr("settings", settings)
-        return
-    for name, value in kept.items():
-        if settings.get(name) != value:
-            raise SetupError(f"study {study.study_name!r} was run with {name} {value}, this run has "
-                             f"{settings.get(name)}: resume it as it was run, or pass another --study-name or --out")
-
-
-def setup(args, worker=0):
-    """One process's share: its device and CPU threads, the data on that device, the study, and the
-    objective bound to that data. With --workers N, parallel.py calls it in each worker process."""
+def setup(args, data, worker=0):
+    """One process's share: its device and CPU threads, the data on that device (with --workers N,
+    the parent's CPU tensors: shared memory, no second load), the study, the objective on that data."""
     device = pick_device(args.device)
     if device.type == "cuda" and args.device == "auto":
         device = torch.device("cuda", worker % torch.cuda.device_count())  # a GPU each, where there are several
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.workers))
-    data = load_mnist(args.data_dir, device)
-    study = open_study(args, worker, data)
-    return study, functools.partial(objective, data=data, epochs=args.epochs, seed=args.seed)
+    data = {name: tensor.to(device) for name, tensor in data.items()}
+    storage = parallel.connect(args.storage, args.heartbeat)  # heartbeats: a dead process's trial is retried
+    study = optuna.create_study(storage=storage, study_name=args.study_name, direction="maximize",
+                                pruner=make_pruner(args.pruner, args.epochs), load_if_exists=True)
+    # What a value means depends on these: a resume must not mix them.
+    parallel.check_resume(study, {"epochs": args.epochs, "pruner": args.pruner, "reports per epoch": EVALS_PER_EPOCH,
+                                  "training images": len(data["train_x"]), "validation images": len(data["val_x"])})
+    # Seeded by --seed alone, a resumed sampler would repeat the trials before it. Seeded also by the
+    # worker and the trials so far, each process goes on from there; the same --seed, the same run.
+    seed = np.random.SeedSequence([args.seed, worker, len(study.trials)]).generate_state(1)[0]
+    study.sampler = make_sampler(args.sampler, int(seed))
+    store = optuna.artifacts.FileSystemArtifactStore(args.artifacts)
+    return study, functools.partial(objective, data=data, epochs=args.epochs, seed=args.seed, store=store,
+                                    tensorboard=args.tensorboard)
 
 
-def after_trial(study, trial):
-    """Optuna calls this after each trial: one line of progress; on CUDA, the trial's memory freed."""
+def after_trial(study, trial, store):
+    """Optuna calls this after each trial: a line of progress, checkpoints of finished trials removed."""
     print(report.progress_line(study, trial), flush=True)
+    checkpoints.remove_finished(study, store)
     if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+        torch.cuda.empty_cache()  # the trial's memory, freed for the next one
 
 
 def final_test(study, args):
@@ -139,47 +123,22 @@ def final_test(study, args):
     run = {"study": study.study_name, "trial_number": best.number, "epochs": args.epochs,
            "seed": best.user_attrs["seed"], "data_dir": os.path.abspath(args.data_dir),
            **{f"{split}_images": len(data[f"{split}_x"]) for split in ("train", "val", "test")}}
-    best_json = os.path.join(args.out, "best.json")
-    if os.path.exists(best_json):
-        with open(best_json) as file:
-            scored = json.load(file)
-        if all(scored.get(key) == value for key, value in run.items()):
-            print(f"best.json already holds trial {best.number}'s test accuracy; nothing to retrain")
-            return
-    hparams = suggest_hparams(optuna.trial.FixedTrial(best.params), args.epochs)
-    train_and_val = {"train_x": torch.cat([data["train_x"], data["val_x"]]),
-                     "train_y": torch.cat([data["train_y"], data["val_y"]]),
-                     "val_x": data["val_x"], "val_y": data["val_y"]}  # seen in training now: not reported
-    model = seeded_model(hparams, run["seed"])
-    print(f"retraining trial {best.number} on train + validation ({len(train_and_val['train_x'])} images)...",
+    if report.holds(os.path.join(args.out, "best.json"), run):
+        return print(f"best.json already holds trial {best.number}'s test accuracy; nothing to retrain")
+    print(f"retraining trial {best.number} on train + validation ({run['train_images'] + run['val_images']} images)...",
           flush=True)
+    hparams = suggest_hparams(optuna.trial.FixedTrial(best.params), args.epochs)
     try:
-        train(model, train_and_val, hparams, evals_per_epoch=1)
+        model = retrain_on_train_and_val(data, hparams, run["seed"])
     except FloatingPointError as error:
-        print(f"tune.py: the retrain of trial {best.number} diverged ({error}); the study and trials.csv are "
-              "kept, best.json is not written", file=sys.stderr)
+        print(f"tune.py: the retrain of trial {best.number} diverged ({error}); the study and trials.csv "
+              "are kept, best.json is not written", file=sys.stderr)
         sys.exit(1)
-    result = {**run, "params": best.params, "val_accuracy": best.value,
-              "test_accuracy": evaluate(model, data["test_x"], data["test_y"]),
-              "sampler": args.sampler, "pruner": args.pruner, "torch": torch.__version__, "optuna": optuna.__version__}
-    state = {"state_dict": {k: v.cpu() for k, v in model.state_dict().items()}, "hparams": hparams}
-    report.replace_atomically(os.path.join(args.out, "best_model.pt"), lambda tmp: torch.save(state, tmp))
-    report.replace_atomically(best_json, lambda tmp: report.write_text(tmp, json.dumps(result, indent=2)))
-    print(f"trial {best.number}: val_accuracy {best.value:.4f}, test_accuracy {result['test_accuracy']:.4f} "
-          "(test set, once)")
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit code 2, instead of argparse's usage block
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def whole_number(minimum):
-    def parse(text):
-        if not text.isdigit() or int(text) < minimum:
-            raise argparse.ArgumentTypeError(f"expected a whole number of at least {minimum}, got {text!r}")
-        return int(text)
-    return parse
+    test_accuracy = evaluate(model, data["test_x"], data["test_y"])
+    report.save_final(args.out, {"state_dict": model.state_dict(), "hparams": hparams},
+                      {**run, "params": best.params, "val_accuracy": best.value, "test_accuracy": test_accuracy,
+                       "sampler": args.sampler, "pruner": args.pruner})
+    print(f"trial {best.number}: val_accuracy {best.value:.4f}, test_accuracy {test_accuracy:.4f} (test set, once)")
 
 
 def parse_args(argv=None):
@@ -196,17 +155,18 @@ def parse_args(argv=None):
     add("--data-dir", default="data", help="MNIST root, MNIST/raw inside (default: data)")
     add("--device", default="auto", help="auto, cuda, cuda:N, mps or cpu (default: auto: CUDA, MPS, CPU)")
     add("--out", help="output folder (default: runs/STUDY-NAME)")
+    add("--artifacts", help="checkpoint folder; one all machines share, with --storage (default: OUT/artifacts)")
+    add("--tensorboard", metavar="DIR", type=report.tensorboard_folder,
+        help="write each trial's curves there, a run per trial (default: off)")
     add("--workers", type=whole_number(1), default=1, help="processes on this machine (default: 1)")
     add("--heartbeat", type=whole_number(1), default=HEARTBEAT, help=f"seconds between heartbeats (default: {HEARTBEAT})")
     add("--no-final", action="store_true", help="skip the final retrain and test-set score")
     args = parser.parse_args(argv)
     args.out = args.out or os.path.join("runs", args.study_name)
-    try:
-        os.makedirs(args.out, exist_ok=True)
-        if not os.access(args.out, os.W_OK):
-            raise PermissionError("not writable")
-    except OSError as error:
-        parser.error(f"--out {args.out}: cannot write there ({error.strerror or error}); pass another folder")
+    args.artifacts = args.artifacts or os.path.join(args.out, "artifacts")
+    for flag, folder in (("--out", args.out), ("--artifacts", args.artifacts)):
+        if problem := report.cannot_write(folder):
+            parser.error(f"{flag} {folder}: cannot write there ({problem}); pass another folder")
     args.storage = args.storage or f"sqlite:///{os.path.join(args.out, 'study.db')}"
     return args
 
@@ -216,16 +176,16 @@ def main(argv=None):
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # after_trial prints one line per trial instead
     with parallel.handle_ctrl_c():
         try:
-            study, objective_on_data = setup(args)
-        except SetupError as error:
+            pick_device(args.device)  # a wrong --device is told before MNIST loads
+            data = load_mnist(args.data_dir, torch.device("cpu"))  # once; workers share it
+            study, objective_on_data = setup(args, data)
+        except (SetupError, parallel.StorageError, parallel.StudyMismatch) as error:
             print(f"tune.py: error: {error}", file=sys.stderr)
             sys.exit(2)
-        if sum(t.state != optuna.trial.TrialState.FAIL for t in study.trials) >= args.n_trials:
-            print(f"study {args.study_name!r} already holds its {args.n_trials} trials: nothing to train "
-                  "(raise --n-trials for more)")
+        store = optuna.artifacts.FileSystemArtifactStore(args.artifacts)
         finished = parallel.optimize(study, objective_on_data, args.n_trials, timeout=args.timeout,
-                                     callbacks=[after_trial], workers=args.workers,
-                                     start_worker=functools.partial(setup, args))
+                                     callbacks=[functools.partial(after_trial, store=store)], workers=args.workers,
+                                     start_worker=functools.partial(setup, args, data))
         print("\n".join(report.summary(study)))
         print(f"wrote {report.write_trials_csv(study, args.out)}")
         if not finished:

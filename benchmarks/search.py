@@ -19,6 +19,7 @@ import argparse
 import os
 import statistics
 import sys
+import tempfile
 import time
 
 import optuna
@@ -70,7 +71,9 @@ def run_study(make_sampler, make_pruner, data, args, seed):
     study = optuna.create_study(study_name=f"search-{seed}", direction="maximize", sampler=sampler,
                                 pruner=make_pruner())
     start = time.perf_counter()
-    study.optimize(lambda trial: tune.objective(trial, data, args.epochs, seed), n_trials=args.n_trials)
+    with tempfile.TemporaryDirectory() as folder:  # checkpoints each epoch, as tune.py does
+        store = optuna.artifacts.FileSystemArtifactStore(folder)
+        study.optimize(lambda trial: tune.objective(trial, data, args.epochs, seed, store), n_trials=args.n_trials)
     seconds = time.perf_counter() - start
     epochs = sum(len(trial.intermediate_values) for trial in study.trials) / EVALS_PER_EPOCH
     by_tpe = args.n_trials - len(random_trials) if random_trials is not None else 0

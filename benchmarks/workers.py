@@ -6,18 +6,25 @@ Runs `python tune.py` as a user would (default search space and pruner, the defa
 storage), once per worker count, and measures from the study itself: the seconds from the
 command's start to its first finished trial (start-up included: imports, data, spawning workers),
 and the throughput: finished trials over the time from the first trial's start to the last one's
-end. It also counts "database is locked" errors, which must be zero.
+end. It also counts "database is locked" errors, which must be zero. Beside it, the ceiling: the
+same training (one fixed configuration, no Optuna, no database) in one process, then in two at
+once, one CPU thread each: how much more two processes train on this machine at best.
 """
 import argparse
 import datetime
+import multiprocessing
 import os
 import subprocess
 import sys
 import tempfile
+import time
 
 import optuna
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from train_loop import DEFAULT_HPARAMS, load_mnist, seeded_model, train  # noqa: E402
 
 
 def trials_per_minute(workers, args, folder):
@@ -36,6 +43,34 @@ def trials_per_minute(workers, args, folder):
     return len(finished), first.total_seconds(), 60 * len(finished) / span.total_seconds(), locked
 
 
+def train_for(seconds, data_dir, start, results):
+    """Train one fixed configuration again and again for `seconds`; put the epochs per second."""
+    torch.set_num_threads(1)
+    data = load_mnist(data_dir, torch.device("cpu"), download=False)
+    hparams = {**DEFAULT_HPARAMS, "epochs": 1, "batch_size": 64}
+    start.wait()
+    began, epochs = time.perf_counter(), 0
+    while time.perf_counter() - began < seconds:
+        train(seeded_model(hparams, 0), data, hparams)
+        epochs += 1
+    results.put(epochs / (time.perf_counter() - began))
+
+
+def side_by_side(processes, data_dir, seconds=20):
+    """Epochs per second of `processes` trainings at once, summed."""
+    spawn = multiprocessing.get_context("spawn")
+    start, results = spawn.Event(), spawn.Queue()
+    workers = [spawn.Process(target=train_for, args=(seconds, data_dir, start, results)) for _ in range(processes)]
+    for worker in workers:
+        worker.start()
+    time.sleep(15)  # every process has imported torch and loaded the data: they start together
+    start.set()
+    total = sum(results.get() for _ in workers)
+    for worker in workers:
+        worker.join()
+    return total
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", required=True, help="folder with MNIST/raw inside")
@@ -50,6 +85,10 @@ def main():
             finished, first, rate, locked = trials_per_minute(workers, args, folder)
             one = one or rate
             print(f"{workers:>7} {finished:>9} {first:>10.1f} s {rate:>11.1f} {rate / one:>8.2f}x {locked:>12}")
+    alone = side_by_side(1, args.data_dir)
+    together = side_by_side(2, args.data_dir)
+    print(f"ceiling, no Optuna: one process trains {alone:.2f} epochs/s, two at once {together:.2f} epochs/s "
+          f"together: {together / alone:.2f}x")
 
 
 if __name__ == "__main__":

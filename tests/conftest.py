@@ -4,6 +4,7 @@ Real MNIST cannot be downloaded in CI, and the tests must not depend on files ou
 each session writes 600 training and 200 test "digits" of its own: every class is a bright bar at
 its own place plus noise, learnable in one epoch, yet read through the same load_mnist() as MNIST.
 """
+import hashlib
 import os
 import struct
 import subprocess
@@ -33,11 +34,11 @@ def synthetic_digits(n, rng):
     return images, labels
 
 
-def write_mnist(root, seed=0):
+def write_mnist(root, seed=0, n_train=N_TRAIN):
     raw = os.path.join(root, "MNIST", "raw")
     os.makedirs(raw, exist_ok=True)
     rng = np.random.default_rng(seed)
-    for prefix, n in (("train", N_TRAIN), ("t10k", N_TEST)):
+    for prefix, n in (("train", n_train), ("t10k", N_TEST)):
         images, labels = synthetic_digits(n, rng)
         write_idx(os.path.join(raw, f"{prefix}-images-idx3-ubyte"), images)
         write_idx(os.path.join(raw, f"{prefix}-labels-idx1-ubyte"), labels)
@@ -47,6 +48,12 @@ def write_mnist(root, seed=0):
 @pytest.fixture(scope="session")
 def mnist_dir(tmp_path_factory):
     return write_mnist(tmp_path_factory.mktemp("mnist"))
+
+
+def fingerprint(folder):
+    """Every file under a folder (artifacts/ included) -> the sha256 of its bytes: "nothing changed"."""
+    return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(folder.rglob("*")) if path.is_file()}
 
 
 def run_script(script, *args, cwd, timeout=300):

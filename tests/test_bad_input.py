@@ -1,13 +1,13 @@
 """Every kind of bad input: exit code 2, one line that says what to do, no traceback, nothing changed."""
-import hashlib
 import os
 import subprocess
 
 import optuna
 import pytest
 
+import report
 import tune
-from conftest import assert_usage_error, run_script, write_mnist
+from conftest import assert_usage_error, fingerprint, run_script, write_mnist
 
 
 def run_tune_in_process(capsys, *argv):
@@ -26,10 +26,6 @@ def finished_run(mnist_dir, tmp_path_factory):
                         "--device", "cpu", cwd=out.parent)
     assert result.returncode == 0, result.stderr
     return out
-
-
-def fingerprint(folder):
-    return {name: hashlib.sha256((folder / name).read_bytes()).hexdigest() for name in sorted(os.listdir(folder))}
 
 
 @pytest.mark.parametrize("flags, words", [
@@ -70,6 +66,16 @@ def test_out_that_cannot_be_written(mnist_dir, tmp_path, capsys):
     result = run_tune_in_process(capsys, "--data-dir", mnist_dir, "--out", tmp_path / "a-file" / "run")
     assert_usage_error(result, "--out")
     assert (tmp_path / "a-file").read_text() == "not a folder"
+
+
+def test_tensorboard_without_its_package_says_how_to_install_it(mnist_dir, tmp_path, capsys, monkeypatch):
+    real_find_spec = report.importlib.util.find_spec
+    monkeypatch.setattr(report.importlib.util, "find_spec",
+                        lambda name, *args: None if name == "tensorboard" else real_find_spec(name, *args))
+    result = run_tune_in_process(capsys, "--data-dir", mnist_dir, "--out", tmp_path / "run", "--tensorboard",
+                                 tmp_path / "tb")
+    assert_usage_error(result, "--tensorboard", "pip install tensorboard")
+    assert not (tmp_path / "tb").exists()
 
 
 def test_existing_study_with_the_other_direction_is_refused_untouched(mnist_dir, tmp_path, capsys):

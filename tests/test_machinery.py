@@ -57,7 +57,7 @@ def test_ctrl_c_stops_the_trial_at_its_next_report_fails_it_and_queues_it_again(
     assert finished is False
     failed, queued = study.trials
     assert failed.state == TrialState.FAIL and sorted(failed.intermediate_values) == [0, 1, 2]
-    assert queued.state == TrialState.WAITING and queued.user_attrs["retry_of"] == failed.number
+    assert queued.state == TrialState.WAITING and optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(queued) == failed.number
     # The resume runs the same configuration first, then new ones, to exactly the budget.
     assert parallel.optimize(study, reporting_objective, n_trials=3)
     assert study.trials[1].params == failed.params
@@ -77,7 +77,7 @@ def test_parallel_imports_neither_tune_nor_torch():
     assert result.returncode == 0, result.stderr
 
 
-@pytest.mark.parametrize("script", ["garden.py", "train_loop.py", "tune.py", "report.py", "predict.py",
+@pytest.mark.parametrize("script", ["garden.py", "train_loop.py", "tune.py", "report.py", "predict.py", "checkpoints.py",
                                     "benchmarks/search.py", "benchmarks/soak.py", "benchmarks/workers.py",
                                     "benchmarks/train_speed.py", "benchmarks/profile_step.py"])
 def test_every_script_answers_help(script):

@@ -1,3 +1,4 @@
+import io
 import os
 
 import optuna
@@ -45,6 +46,26 @@ def test_same_seed_gives_bit_identical_weights_on_cpu(data):
     other = seeded_model(GOOD, 8)
     train(other, data, GOOD)
     assert not torch.equal(other.state_dict()["layers.0.weight"], models[0].state_dict()["layers.0.weight"])
+
+
+def test_a_run_resumed_from_any_epochs_checkpoint_ends_with_the_same_value_and_weights(data):
+    hparams = dict(GOOD, epochs=3, dropout=0.3)  # dropout and shuffles draw random numbers every step
+    saved, logged = [], []
+
+    def save(checkpoint):  # as checkpoints.py does: serialised at once, loaded later with weights_only
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        saved.append(buffer.getvalue())
+
+    whole = seeded_model(hparams, 0)
+    value = train(whole, data, hparams, save=save, log=lambda *reads: logged.append(reads))
+    assert [torch.load(io.BytesIO(b), weights_only=True)["epochs_done"] for b in saved] == [1, 2, 3]
+    assert len(logged) == 3 * train_loop.EVALS_PER_EPOCH and logged[-1][2] == value
+    for epoch_checkpoint in saved[:2]:
+        resumed = seeded_model(hparams, 0)  # a fresh process would build it the same way
+        assert train(resumed, data, hparams, resume=torch.load(io.BytesIO(epoch_checkpoint), weights_only=True)) == value
+        for a, b in zip(whole.state_dict().values(), resumed.state_dict().values()):
+            assert torch.equal(a, b)
 
 
 def test_pruner_really_prunes_a_bad_trial_in_a_real_study(data):

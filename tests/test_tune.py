@@ -1,4 +1,3 @@
-import hashlib
 import json
 import os
 
@@ -7,7 +6,7 @@ import pandas as pd
 import pytest
 
 import tune
-from conftest import assert_usage_error, run_script
+from conftest import assert_usage_error, fingerprint, run_script
 
 TINY = ["--n-trials", "4", "--epochs", "1", "--device", "cpu", "--no-final"]
 
@@ -80,10 +79,6 @@ def test_a_resumed_study_draws_new_configurations(mnist_dir, tmp_path, capsys):
     assert configurations(str(tmp_path / "again")) == configurations(out)[:4]
 
 
-def fingerprint(folder):
-    return {name: hashlib.sha256((folder / name).read_bytes()).hexdigest() for name in sorted(os.listdir(folder))}
-
-
 def test_a_study_keeps_its_settings_a_resume_with_others_is_refused_untouched(mnist_dir, tmp_path):
     out = tmp_path / "run"
     assert tiny_tune(mnist_dir, str(out)).returncode == 0
@@ -112,14 +107,11 @@ def test_best_json_is_reused_only_for_the_same_study_trial_and_data(mnist_dir, t
 
 def test_a_diverging_retrain_says_so_in_one_line_and_keeps_the_study(mnist_dir, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
-    real_train = tune.train
 
-    def diverge_in_the_retrain(model, data, hparams, trial=None, **kwargs):
-        if trial is None:
-            raise FloatingPointError("loss became nan/inf in epoch 1 (learning rate too high?)")
-        return real_train(model, data, hparams, trial, **kwargs)
+    def diverge(data, hparams, seed):  # what train() raises when the loss turns nan without a trial
+        raise FloatingPointError("loss became nan/inf in epoch 1 (learning rate too high?)")
 
-    monkeypatch.setattr(tune, "train", diverge_in_the_retrain)
+    monkeypatch.setattr(tune, "retrain_on_train_and_val", diverge)
     with pytest.raises(SystemExit) as exit_:
         tune.main(["--data-dir", mnist_dir, "--out", str(out), "--n-trials", "2", "--epochs", "1", "--device", "cpu"])
     stderr = capsys.readouterr().err
