@@ -198,11 +198,15 @@ def run_trials(study, objective, n_trials, timeout=None, callbacks=()):
     deadline = time.monotonic() + (timeout or float("inf"))
     said_waiting = False
     while time.monotonic() < deadline and not stop_requested:
-        optuna.storages.fail_stale_trials(study)  # silent too long: failed, and queued again
         trials = [t for t in study.get_trials(deepcopy=False) if t.state != TrialState.FAIL]
         if len(trials) < n_trials or any(t.state == TrialState.WAITING for t in trials):
-            optimize_one(study, objective, n_trials, callbacks)
+            optimize_one(study, objective, n_trials, callbacks)  # Optuna fails stale trials before each
             continue
+        if any(t.state == TrialState.RUNNING for t in trials):  # here, or elsewhere, or in a dead process:
+            optuna.storages.fail_stale_trials(study)  # silent too long: failed, and queued again
+            trials = [t for t in study.get_trials(deepcopy=False) if t.state != TrialState.FAIL]
+            if any(t.state == TrialState.WAITING for t in trials):
+                continue
         running = sum(t.state == TrialState.RUNNING for t in trials)
         if not running:
             return True
