@@ -44,10 +44,12 @@ class SetupError(Exception):
     """Something the user can fix (files, flags, devices); the message says how."""
 
 
-def pick_device(name="auto"):
-    """'auto' takes CUDA, then Apple's MPS, then the CPU; a named device must exist."""
+def pick_device(name="auto", worker=0):
+    """'auto' takes CUDA (worker i of several processes: GPU i, round robin), then Apple's MPS, then
+    the CPU; a named device must exist."""
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+        name = (f"cuda:{worker % torch.cuda.device_count()}" if torch.cuda.is_available()
+                else "mps" if torch.backends.mps.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -167,11 +169,10 @@ def train(model, data, hparams, trial=None, evals_per_epoch=EVALS_PER_EPOCH, ver
                       f"train_loss {train_loss:.4f}  val_accuracy {val_accuracy:.4f}")
             if log is not None:
                 log(report, train_loss, val_accuracy, schedule.get_last_lr()[0])
+            if trial is not None:
+                trial.report(val_accuracy, report)
             report += 1
-            if trial is None:
-                continue
-            trial.report(val_accuracy, report - 1)
-            if trial.should_prune():
+            if trial is not None and trial.should_prune():
                 keep_on_trial(trial, train_loss, best_val_accuracy)
                 raise optuna.TrialPruned(f"val_accuracy {val_accuracy:.4f} at report {report}")
         if save is not None:  # the last step of an epoch is a report: nothing is summed half-way

@@ -13,8 +13,7 @@ used once, after the study. Crash safety, workers, Ctrl-C: parallel.py; checkpoi
 import os
 import signal
 
-# A Ctrl-C while the imports below load (seconds) ends the run quietly, exit code 130; from
-# main() on, parallel.handle_ctrl_c decides. Left alone when Ctrl-C is ignored (nohup).
+# Ctrl-C while the imports below load (seconds): exit 130, quietly (unless ignored, as under nohup).
 if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
     signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))
 
@@ -73,8 +72,7 @@ def make_sampler(name, seed):
 
 
 def make_pruner(name, epochs):
-    """Resources are reports, EVALS_PER_EPOCH of them an epoch. A rung is a report at which a trial
-    is compared with every trial that reached it before; only the best go on."""
+    """Resources are reports; a rung, a report where a trial is compared with all that reached it before."""
     if name == "halving":  # judged at half an epoch and at 1.5 epochs: the best third goes on at each
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=EVALS_PER_EPOCH // 2, reduction_factor=3)
     if name == "hyperband":  # the same, in brackets that start judging at different rungs
@@ -88,15 +86,12 @@ def make_pruner(name, epochs):
 def setup(args, data, worker=0):
     """One process's share: its device and CPU threads, the data on that device (with --workers N,
     the parent's CPU tensors: shared memory, no second load), the study, the objective on that data."""
-    device = pick_device(args.device)
-    if device.type == "cuda" and args.device == "auto":
-        device = torch.device("cuda", worker % torch.cuda.device_count())  # a GPU each, where there are several
+    device = pick_device(args.device, worker)  # with several GPUs, a GPU each
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.workers))
     data = {name: tensor.to(device) for name, tensor in data.items()}
     storage = parallel.connect(args.storage, args.heartbeat)  # heartbeats: a dead process's trial is retried
     study = optuna.create_study(storage=storage, study_name=args.study_name, direction="maximize",
                                 pruner=make_pruner(args.pruner, args.epochs), load_if_exists=True)
-    # What a value means depends on these: a resume must not mix them.
     parallel.check_resume(study, {"epochs": args.epochs, "pruner": args.pruner, "reports per epoch": EVALS_PER_EPOCH,
                                   "training images": len(data["train_x"]), "validation images": len(data["val_x"])})
     # Seeded by --seed alone, a resumed sampler would repeat the trials before it. Seeded also by the
