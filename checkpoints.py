@@ -19,7 +19,6 @@ import argparse
 import contextlib
 import io
 import os
-import sys
 import tempfile
 
 import optuna

@@ -215,11 +215,12 @@ def restore(saved, model, optimizer, schedule):
     optimizer.load_state_dict(saved["optimizer"])
     schedule.load_state_dict(saved["schedule"])
     device = next(model.parameters()).device
-    torch.set_rng_state(saved["random_state"]["cpu"])
+    random_state = {name: state.cpu() for name, state in saved["random_state"].items()}  # as the setters want them
+    torch.set_rng_state(random_state["cpu"])
     if device.type == "cuda":
-        torch.cuda.set_rng_state(saved["random_state"]["cuda"], device)
+        torch.cuda.set_rng_state(random_state["cuda"], device)
     elif device.type == "mps":
-        torch.mps.set_rng_state(saved["random_state"]["mps"])
+        torch.mps.set_rng_state(random_state["mps"])
     return (saved["epochs_done"], saved["report"], saved["best_val_accuracy"], saved["val_accuracy"],
             saved["train_loss"])
 
