@@ -110,14 +110,14 @@ def test_after_a_30_trial_study_the_artifacts_hold_the_best_trials_model_only(mn
 
 
 def test_tensorboard_writes_one_run_per_trial_with_its_curves_and_hyperparameters(mnist_dir, tmp_path):
-    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    from tensorboard.backend.event_processing import event_accumulator  # requirements.txt has it
     from tensorboard.plugins.hparams import plugin_data_pb2
     out, logs = tmp_path / "run", tmp_path / "tb"
     tune.main(["--data-dir", mnist_dir, "--out", str(out), "--n-trials", "6", "--epochs", "2", "--device", "cpu",
                "--no-final", "--tensorboard", str(logs)])
     study = optuna.load_study(study_name="mnist-mlp", storage=f"sqlite:///{out}/study.db")
     assert sorted(os.listdir(logs)) == [f"trial-{t.number:04d}" for t in study.trials]
-    assert {t.state for t in study.trials} >= {TrialState.COMPLETE}
+    assert {t.state for t in study.trials} == {TrialState.COMPLETE, TrialState.PRUNED}  # both kinds are told apart
     for trial in study.trials:
         run = logs / f"trial-{trial.number:04d}"
         assert len([name for name in os.listdir(run) if "tfevents" in name]) == 1  # its own event file
