@@ -6,6 +6,7 @@ when a process dies, when several processes or machines share it, and when someo
     storage = parallel.connect("sqlite:///runs/x/study.db", heartbeat=10)   # for optuna.create_study
     parallel.check_resume(study, settings)       # a resumed study must be run as it was run before
     with parallel.handle_ctrl_c():
+        parallel.start_workers(2)                # optional, early: they import while this process loads data
         finished = parallel.optimize(study, objective, n_trials=30, workers=2, start_worker=setup)
 
 It imports nothing from tune.py: tune.py hands it a study, an objective, and `start_worker(i)`,
@@ -121,7 +122,7 @@ def lock_sqlite_writes_up_front(engine):
 # ------------------------------------------------------------------ Ctrl-C: stop at a safe point
 stop_requested = False  # set by the first Ctrl-C while trials run; read at every report
 trials_running = False  # between these moments a Ctrl-C asks; at any other moment it stops at once
-worker_processes = []   # this process's workers, which hear Ctrl-C from it (as SIGTERM)
+worker_processes = []   # (process, pipe for its orders): this process's workers, told of Ctrl-C by SIGTERM
 
 
 def on_ctrl_c(signum, frame):
@@ -144,7 +145,7 @@ def on_ctrl_c(signum, frame):
 
 
 def signal_workers(signum):
-    for worker in worker_processes:
+    for worker, _ in worker_processes:
         if worker.exitcode is None:  # still running: an ended worker's pid may belong to another process
             with contextlib.suppress(ProcessLookupError):  # it ended a moment ago
                 os.kill(worker.pid, signum)
@@ -225,39 +226,50 @@ def optimize(study, objective, n_trials, timeout=None, callbacks=(), workers=1, 
     start_worker(i) for its own study connection and data, then runs trials like this one."""
     global trials_running, stop_requested
     stop_requested = False
-    worker_processes.clear()
     if sum(t.state != TrialState.FAIL for t in study.get_trials(deepcopy=False)) >= n_trials:
         print(f"study {study.study_name!r} already holds its {n_trials} trials: nothing to train (raise --n-trials)")
-    start_workers(start_worker, workers, n_trials, timeout, callbacks)
+    start_workers(workers)  # those not started yet
+    for _, orders in worker_processes:
+        orders.send((start_worker, n_trials, timeout, callbacks))  # tensors go by shared memory, not copied
     trials_running = True
     try:
         run_trials(study, objective, n_trials, timeout, callbacks)
-        for worker in worker_processes:
+        for worker, _ in worker_processes:
             worker.join()
     finally:
         trials_running = False
-    crashed = [worker.exitcode for worker in worker_processes if worker.exitcode]
+    crashed = [worker.exitcode for worker, _ in worker_processes if worker.exitcode]
+    worker_processes.clear()
     if crashed and not stop_requested:  # its trial was failed and retried here (heartbeat), or will be
         print(f"warning: worker exit codes {crashed}: see the errors above", file=sys.stderr)
     return not stop_requested
 
 
-def start_workers(start_worker, count, n_trials, timeout, callbacks):
+def start_workers(count):
+    """Start worker processes 1 to count - 1 now, so that they import torch while this process loads
+    the data and opens the study; each waits for its orders from `optimize`. Calling it is optional."""
     spawn = multiprocessing.get_context("spawn")
     # The terminal sends Ctrl-C to every process of the job. Workers inherit an ignored SIGINT from
     # these lines, so none dies mid-start-up, and stop when this process tells them (SIGTERM).
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        for worker in range(1, count):
-            process = spawn.Process(target=worker_main, args=(start_worker, worker, n_trials, timeout, callbacks))
+        while len(worker_processes) < count - 1:
+            orders, worker_end = spawn.Pipe()
+            # daemon: should this process end before sending orders (a bad flag), its workers end too
+            process = spawn.Process(target=worker_main, args=(len(worker_processes) + 1, worker_end), daemon=True)
             process.start()
-            worker_processes.append(process)
+            worker_end.close()
+            worker_processes.append((process, orders))
     finally:
         signal.signal(signal.SIGINT, previous)
 
 
-def worker_main(start_worker, worker, n_trials, timeout, callbacks):
+def worker_main(worker, orders):
     global trials_running
+    try:
+        start_worker, n_trials, timeout, callbacks = orders.recv()
+    except EOFError:  # the parent ended before its study began
+        return
     signal.signal(signal.SIGTERM, on_ctrl_c)  # the parent's "stop at a safe point", then "now"
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     study, objective = start_worker(worker)

@@ -170,6 +170,7 @@ def main(argv=None):
     args = parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # after_trial prints one line per trial instead
     with parallel.handle_ctrl_c():
+        parallel.start_workers(args.workers)  # with --workers N: they import torch while this loads MNIST
         try:
             pick_device(args.device)  # a wrong --device is told before MNIST loads
             data = load_mnist(args.data_dir, torch.device("cpu"))  # once; workers share it

@@ -7,8 +7,9 @@ storage), once per worker count, and measures from the study itself: the seconds
 command's start to its first finished trial (start-up included: imports, data, spawning workers),
 and the throughput: finished trials over the time from the first trial's start to the last one's
 end. It also counts "database is locked" errors, which must be zero. Beside it, the ceiling: the
-same training (one fixed configuration, no Optuna, no database) in one process, then in two at
-once, one CPU thread each: how much more two processes train on this machine at best.
+same training (one fixed configuration, no Optuna, no database) threaded as tune.py threads it, in
+one process with every CPU's thread, then in two at once with half each: how much more two
+processes train on this machine at best.
 """
 import argparse
 import datetime
@@ -43,9 +44,9 @@ def trials_per_minute(workers, args, folder):
     return len(finished), first.total_seconds(), 60 * len(finished) / span.total_seconds(), locked
 
 
-def train_for(seconds, data_dir, start, results):
+def train_for(seconds, data_dir, threads, start, results):
     """Train one fixed configuration again and again for `seconds`; put the epochs per second."""
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     data = load_mnist(data_dir, torch.device("cpu"), download=False)
     hparams = {**DEFAULT_HPARAMS, "epochs": 1, "batch_size": 64}
     start.wait()
@@ -60,7 +61,9 @@ def side_by_side(processes, data_dir, seconds=20):
     """Epochs per second of `processes` trainings at once, summed."""
     spawn = multiprocessing.get_context("spawn")
     start, results = spawn.Event(), spawn.Queue()
-    workers = [spawn.Process(target=train_for, args=(seconds, data_dir, start, results)) for _ in range(processes)]
+    threads = max(1, (os.cpu_count() or 1) // processes)  # as tune.py shares the CPUs among its workers
+    workers = [spawn.Process(target=train_for, args=(seconds, data_dir, threads, start, results))
+               for _ in range(processes)]
     for worker in workers:
         worker.start()
     time.sleep(15)  # every process has imported torch and loaded the data: they start together
