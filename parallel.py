@@ -193,24 +193,27 @@ def optimize_one(study, objective, n_trials, callbacks):
         pass  # stop_requested is set: the caller's loop ends
 
 
+def unfailed_trials(study):
+    """The trials the budget counts: COMPLETE, PRUNED, RUNNING and WAITING."""
+    return [t for t in study.get_trials(deepcopy=False) if t.state != TrialState.FAIL]
+
+
 def run_trials(study, objective, n_trials, timeout=None, callbacks=()):
     """Trials until the study holds n_trials, then wait for those still running elsewhere: if one's
     process dies, its heartbeat stops, and this process runs the retry. False if Ctrl-C stopped it."""
     deadline = time.monotonic() + (timeout or float("inf"))
     said_waiting = False
     while time.monotonic() < deadline and not stop_requested:
-        trials = [t for t in study.get_trials(deepcopy=False) if t.state != TrialState.FAIL]
+        trials = unfailed_trials(study)
         if len(trials) < n_trials or any(t.state == TrialState.WAITING for t in trials):
             optimize_one(study, objective, n_trials, callbacks)  # Optuna fails stale trials before each
             continue
-        if any(t.state == TrialState.RUNNING for t in trials):  # here, or elsewhere, or in a dead process:
-            optuna.storages.fail_stale_trials(study)  # silent too long: failed, and queued again
-            trials = [t for t in study.get_trials(deepcopy=False) if t.state != TrialState.FAIL]
-            if any(t.state == TrialState.WAITING for t in trials):
-                continue
         running = sum(t.state == TrialState.RUNNING for t in trials)
         if not running:
             return True
+        optuna.storages.fail_stale_trials(study)  # one silent too long (a dead process's) is failed, queued again
+        if sum(t.state == TrialState.RUNNING for t in unfailed_trials(study)) < running:
+            continue  # it was, or another ended: run its retry or a new trial (or finish) at once
         if not said_waiting:
             print(f"waiting for {running} running trial(s) of other workers; a dead worker's trial is "
                   f"failed and retried after {GRACE} missed heartbeats", flush=True)
@@ -226,7 +229,7 @@ def optimize(study, objective, n_trials, timeout=None, callbacks=(), workers=1, 
     start_worker(i) for its own study connection and data, then runs trials like this one."""
     global trials_running, stop_requested
     stop_requested = False
-    if sum(t.state != TrialState.FAIL for t in study.get_trials(deepcopy=False)) >= n_trials:
+    if len(unfailed_trials(study)) >= n_trials:
         print(f"study {study.study_name!r} already holds its {n_trials} trials: nothing to train (raise --n-trials)")
     start_workers(workers)  # those not started yet
     for _, orders in worker_processes:

@@ -3,6 +3,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import optuna
 import pytest
@@ -62,6 +63,17 @@ def test_ctrl_c_stops_the_trial_at_its_next_report_fails_it_and_queues_it_again(
     assert parallel.optimize(study, reporting_objective, n_trials=3)
     assert study.trials[1].params == failed.params
     assert sum(t.state == TrialState.COMPLETE for t in study.trials) == 3
+
+
+def test_a_dead_trial_past_its_retries_is_replaced_so_the_study_still_ends_at_its_budget(tmp_path):
+    storage = parallel.connect(f"sqlite:///{tmp_path}/study.db", heartbeat=1)
+    study = optuna.create_study(storage=storage, direction="maximize")
+    dead = study.ask()  # RUNNING, as a killed process leaves it, and already retried as often as allowed
+    storage.set_trial_system_attr(dead._trial_id, "retry_history", list(range(parallel.MAX_RETRY)))
+    storage.record_heartbeat(dead._trial_id)
+    time.sleep(parallel.GRACE + 1)  # its heartbeat (every second) is stale
+    assert parallel.run_trials(study, reporting_objective, n_trials=1)
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE]
 
 
 def test_a_bad_storage_url_is_one_line_without_the_password():
