@@ -9,7 +9,6 @@ An image of your own is made to look like MNIST before the model sees it: graysc
 normalised with MNIST's mean and standard deviation, and flattened to 784 numbers: exactly what
 train_loop.load_mnist does to MNIST. For best results, crop your image close around the digit.
 """
-import argparse
 import os
 import sys
 
@@ -18,7 +17,7 @@ from PIL import Image, UnidentifiedImageError
 from torchvision.transforms.functional import pil_to_tensor
 
 from mlp import MLP
-from train_loop import MNIST_MEAN, MNIST_STD, MODEL_KEYS, SetupError, load_mnist
+from train_loop import MNIST_MEAN, MNIST_STD, MODEL_KEYS, Parser, SetupError, load_mnist, whole_number
 
 MODEL = os.path.join("runs", "mnist-mlp", "best_model.pt")  # where tune.py keeps the retrained winner
 
@@ -61,17 +60,14 @@ def classify(model, inputs):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Classify digit images with a model tune.py kept.")
-    parser.error = lambda message: parser.exit(2, f"predict.py: error: {message} (see --help)\n")
+    parser = Parser(description="Classify digit images with a model tune.py kept.")
     parser.add_argument("images", nargs="*", help="PNG or JPEG files, one digit each")
     parser.add_argument("--model", default=MODEL, help=f"(default: {MODEL})")
-    parser.add_argument("--test", type=int, metavar="N", help="classify the first N MNIST test images instead")
+    parser.add_argument("--test", type=whole_number(1), metavar="N", help="classify the first N MNIST test images instead")
     parser.add_argument("--data-dir", default="data", help="MNIST root for --test, MNIST/raw inside (default: data)")
     args = parser.parse_args(argv)
     if not args.images and args.test is None:
         parser.error("give image files, or --test N")
-    if args.test is not None and args.test < 1:
-        parser.error(f"--test: expected a number of at least 1, got {args.test}")
     return args
 
 

@@ -111,10 +111,10 @@ def after_trial(study, trial, store):
         torch.cuda.empty_cache()  # the trial's memory, freed for the next one
 
 
-def final_test(study, args):
+def final_test(study, args, data):
     """Retrain the winner on train + validation, then measure it ONCE on the test set."""
     best = study.best_trial
-    data = load_mnist(args.data_dir, pick_device(args.device))
+    data = {name: tensor.to(pick_device(args.device)) for name, tensor in data.items()}
     run = {"study": study.study_name, "trial_number": best.number, "epochs": args.epochs,
            "seed": best.user_attrs["seed"], "data_dir": os.path.abspath(args.data_dir),
            **{f"{split}_images": len(data[f"{split}_x"]) for split in ("train", "val", "test")}}
@@ -188,7 +188,7 @@ def main(argv=None):
             print("interrupted: the running trial is marked failed and queued again; run the same command to resume")
             sys.exit(130)
         if not args.no_final and study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.COMPLETE]):
-            final_test(study, args)
+            final_test(study, args, data)
         report.save_plots(study, args.out)
 
 
