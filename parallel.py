@@ -36,6 +36,7 @@ from optuna.trial import TrialState
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 # ---------------------------------------------------------------------------- settings
+HEARTBEAT = 10        # seconds between a running trial's heartbeats (tune.py --heartbeat)
 GRACE = 3             # heartbeats a trial may miss before it is failed and retried
 MAX_RETRY = 2         # how often a dead process's trial is given again
 SQLITE_WAIT = 60      # seconds a SQLite write waits for another process's lock
@@ -170,8 +171,9 @@ def optimize_one(study, objective, n_trials, callbacks):
     def guarded(trial):
         # Trial numbers are handed out atomically by the storage, so "is this trial past the budget,
         # counting the unfailed trials before it?" has one answer on every worker: the budget is exact.
-        earlier = [t for t in trial.study.get_trials(deepcopy=False) if t.number < trial.number]
-        if sum(t.state != TrialState.FAIL for t in earlier) >= n_trials:
+        # Below trial number n_trials it cannot be, and the storage is not asked (a read per trial).
+        trials = trial.study.get_trials(deepcopy=False) if trial.number >= n_trials else []
+        if sum(t.number < trial.number and t.state != TrialState.FAIL for t in trials) >= n_trials:
             trial.set_user_attr("fail_reason", "not trained: another worker took the last trial of the budget")
             raise BudgetTaken()
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
@@ -245,6 +247,8 @@ def optimize(study, objective, n_trials, timeout=None, callbacks=(), workers=1, 
     worker_processes.clear()
     if crashed and not stop_requested:  # its trial was failed and retried here (heartbeat), or will be
         print(f"warning: worker exit codes {crashed}: see the errors above", file=sys.stderr)
+    if stop_requested:
+        print("interrupted: the running trial is marked failed and queued again; run the same command to resume")
     return not stop_requested
 
 

@@ -114,12 +114,14 @@ def summary(study):
 class TrialCurves:
     """One TensorBoard run per trial (tune.py --tensorboard DIR): training loss, validation accuracy and
     learning rate at every report; at the end the trial's hyperparameters, state and final value, for
-    TensorBoard's HParams view. `with TrialCurves(folder, trial) as log: train(..., log=log)`."""
+    TensorBoard's HParams view. `with TrialCurves(folder, trial) as log: train(..., log=log)`; with
+    folder None it writes nothing and `log` is None."""
 
     def __init__(self, folder, trial):
-        from torch.utils.tensorboard import SummaryWriter  # optional, so loaded here: tune.py checks for it
-        self.trial, self.val_accuracy = trial, float("nan")
-        self.writer = SummaryWriter(os.path.join(folder, f"trial-{trial.number:04d}"))
+        self.trial, self.val_accuracy, self.writer = trial, float("nan"), None
+        if folder is not None:
+            from torch.utils.tensorboard import SummaryWriter  # optional, so loaded here: tune.py checks for it
+            self.writer = SummaryWriter(os.path.join(folder, f"trial-{trial.number:04d}"))
 
     def __call__(self, report, train_loss, val_accuracy, learning_rate):
         self.writer.add_scalar("train_loss", train_loss, report)
@@ -128,9 +130,11 @@ class TrialCurves:
         self.val_accuracy = val_accuracy  # the last one is the trial's value (see train_loop.train)
 
     def __enter__(self):
-        return self
+        return self if self.writer else None
 
     def __exit__(self, error_type, error, traceback):
+        if self.writer is None:
+            return
         from torch.utils.tensorboard.summary import hparams
         state = ("COMPLETE" if error_type is None else "PRUNED" if issubclass(error_type, optuna.TrialPruned)
                  else "FAIL")

@@ -5,19 +5,16 @@
     python tune.py --workers 2 --tensorboard runs/tb   # two processes; curves: tensorboard --logdir runs/tb
     python tune.py --storage postgresql://user:password@db-host/optuna --seed 1   # one per machine
 
-The same command resumes the study, and a killed trial from its last epoch. --n-trials is the
-study's total (Optuna's `study.optimize(n_trials=...)`: "this many more"). Output, in runs/STUDY-NAME:
-study.db, artifacts/ (checkpoints), trials.csv, best.json, best_model.pt, plots. The test set is
-used once, after the study. Crash safety, workers, Ctrl-C: parallel.py; checkpoints: checkpoints.py.
+The same command resumes the study, a killed trial from its last epoch. --n-trials is the study's total
+(Optuna's `study.optimize(n_trials=...)`: "this many more"). Writes runs/STUDY-NAME/: study.db, trials.csv,
+best.json, best_model.pt, plots, artifacts/ (checkpoints: checkpoints.py). Machinery: parallel.py.
 """
 import os
 import signal
 
-# Ctrl-C while the imports below load (seconds): exit 130, quietly (unless ignored, as under nohup).
 if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-    signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))
+    signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))  # Ctrl-C in the imports below: no traceback
 
-import contextlib
 import functools
 import sys
 
@@ -36,7 +33,6 @@ N_TRIALS = 30       # the study's budget: finished (complete + pruned) trials, a
 EPOCHS = 3          # every trial trains this long unless pruned
 SAMPLER = "tpe"     # TPE models good and bad regions from the trials so far; "random" is the baseline
 PRUNER = "halving"  # above random search at 53% of its training, measured: benchmarks/search.py
-HEARTBEAT = 10      # seconds between a running trial's "still alive" writes (see parallel.py)
 # ------------------------------------------------------------------------------------
 
 
@@ -62,7 +58,7 @@ def objective(trial, data, epochs, seed, store, tensorboard=None):
     hparams = suggest_hparams(trial, epochs)
     trial.set_user_attr("seed", seed)  # weights, shuffles and dropout: what the final retrain repeats
     keeper = checkpoints.Keeper(trial, store, data["train_x"].device)  # saves each epoch; a retry resumes
-    with report.TrialCurves(tensorboard, trial) if tensorboard else contextlib.nullcontext() as log:
+    with report.TrialCurves(tensorboard, trial) as log:  # TensorBoard curves, if asked for
         return train(seeded_model(hparams, seed), data, hparams, trial,
                      resume=keeper.resume(), save=keeper.save, log=log)
 
@@ -83,9 +79,8 @@ def make_pruner(name, epochs):
     return optuna.pruners.NopPruner()
 
 
-def setup(args, data, worker=0):
-    """One process's share: its device and CPU threads, the data on that device (with --workers N,
-    the parent's CPU tensors: shared memory, no second load), the study, the objective on that data."""
+def setup(args, data, store, worker=0):
+    """One process's device, CPU threads, data (a worker gets the parent's tensors), study and objective."""
     device = pick_device(args.device, worker)  # with several GPUs, a GPU each
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.workers))
     data = {name: tensor.to(device) for name, tensor in data.items()}
@@ -94,11 +89,9 @@ def setup(args, data, worker=0):
                                 pruner=make_pruner(args.pruner, args.epochs), load_if_exists=True)
     parallel.check_resume(study, {"epochs": args.epochs, "pruner": args.pruner, "reports per epoch": EVALS_PER_EPOCH,
                                   "training images": len(data["train_x"]), "validation images": len(data["val_x"])})
-    # Seeded by --seed alone, a resumed sampler would repeat the trials before it. Seeded also by the
-    # worker and the trials so far, each process goes on from there; the same --seed, the same run.
+    # Seeded by --seed, the worker and the trials so far: a resumed study goes on instead of repeating itself.
     seed = np.random.SeedSequence([args.seed, worker, len(study.trials)]).generate_state(1)[0]
     study.sampler = make_sampler(args.sampler, int(seed))
-    store = optuna.artifacts.FileSystemArtifactStore(args.artifacts)
     return study, functools.partial(objective, data=data, epochs=args.epochs, seed=args.seed, store=store,
                                     tensorboard=args.tensorboard)
 
@@ -107,32 +100,26 @@ def after_trial(study, trial, store):
     """Optuna calls this after each trial: a line of progress, checkpoints of finished trials removed."""
     print(report.progress_line(study, trial), flush=True)
     checkpoints.remove_finished(study, store)
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()  # the trial's memory, freed for the next one
 
 
 def final_test(study, args, data):
     """Retrain the winner on train + validation, then measure it ONCE on the test set."""
     best = study.best_trial
     data = {name: tensor.to(pick_device(args.device)) for name, tensor in data.items()}
-    run = {"study": study.study_name, "trial_number": best.number, "epochs": args.epochs,
-           "seed": best.user_attrs["seed"], "data_dir": os.path.abspath(args.data_dir),
+    run = {"study": study.study_name, "trial_number": best.number, "sampler": args.sampler, "pruner": args.pruner,
+           "epochs": args.epochs, "seed": best.user_attrs["seed"], "data_dir": os.path.abspath(args.data_dir),
            **{f"{split}_images": len(data[f"{split}_x"]) for split in ("train", "val", "test")}}
     if report.holds(os.path.join(args.out, "best.json"), run):
         return print(f"best.json already holds trial {best.number}'s test accuracy; nothing to retrain")
-    print(f"retraining trial {best.number} on train + validation ({run['train_images'] + run['val_images']} images)...",
-          flush=True)
+    print(f"retraining trial {best.number} on train + validation...", flush=True)
     hparams = suggest_hparams(optuna.trial.FixedTrial(best.params), args.epochs)
     try:
         model = retrain_on_train_and_val(data, hparams, run["seed"])
-    except FloatingPointError as error:
-        print(f"tune.py: the retrain of trial {best.number} diverged ({error}); the study and trials.csv "
-              "are kept, best.json is not written", file=sys.stderr)
-        sys.exit(1)
+    except FloatingPointError as error:  # exit 1, the message on stderr; the study and trials.csv stay
+        sys.exit(f"tune.py: the retrain of trial {best.number} diverged ({error}); best.json is not written")
     test_accuracy = evaluate(model, data["test_x"], data["test_y"])
     report.save_final(args.out, {"state_dict": model.state_dict(), "hparams": hparams},
-                      {**run, "params": best.params, "val_accuracy": best.value, "test_accuracy": test_accuracy,
-                       "sampler": args.sampler, "pruner": args.pruner})
+                      {**run, "params": best.params, "val_accuracy": best.value, "test_accuracy": test_accuracy})
     print(f"trial {best.number}: val_accuracy {best.value:.4f}, test_accuracy {test_accuracy:.4f} (test set, once)")
 
 
@@ -151,10 +138,9 @@ def parse_args(argv=None):
     add("--device", default="auto", help="auto, cuda, cuda:N, mps or cpu (default: auto: CUDA, MPS, CPU)")
     add("--out", help="output folder (default: runs/STUDY-NAME)")
     add("--artifacts", help="checkpoint folder; one all machines share, with --storage (default: OUT/artifacts)")
-    add("--tensorboard", metavar="DIR", type=report.tensorboard_folder,
-        help="write each trial's curves there, a run per trial (default: off)")
+    add("--tensorboard", metavar="DIR", type=report.tensorboard_folder, help="curves, a run per trial (default: off)")
     add("--workers", type=whole_number(1), default=1, help="processes on this machine (default: 1)")
-    add("--heartbeat", type=whole_number(1), default=HEARTBEAT, help=f"seconds between heartbeats (default: {HEARTBEAT})")
+    add("--heartbeat", metavar="SECONDS", type=whole_number(1), default=parallel.HEARTBEAT, help="(default: %(default)s)")
     add("--no-final", action="store_true", help="skip the final retrain and test-set score")
     args = parser.parse_args(argv)
     args.out = args.out or os.path.join("runs", args.study_name)
@@ -174,18 +160,16 @@ def main(argv=None):
         try:
             pick_device(args.device)  # a wrong --device is told before MNIST loads
             data = load_mnist(args.data_dir, torch.device("cpu"))  # once; workers share it
-            study, objective_on_data = setup(args, data)
+            store = optuna.artifacts.FileSystemArtifactStore(args.artifacts)  # checkpoints
+            study, objective_on_data = setup(args, data, store)
         except (SetupError, parallel.StorageError, parallel.StudyMismatch) as error:
             print(f"tune.py: error: {error}", file=sys.stderr)
             sys.exit(2)
-        store = optuna.artifacts.FileSystemArtifactStore(args.artifacts)
         finished = parallel.optimize(study, objective_on_data, args.n_trials, timeout=args.timeout,
                                      callbacks=[functools.partial(after_trial, store=store)], workers=args.workers,
-                                     start_worker=functools.partial(setup, args, data))
-        print("\n".join(report.summary(study)))
-        print(f"wrote {report.write_trials_csv(study, args.out)}")
-        if not finished:
-            print("interrupted: the running trial is marked failed and queued again; run the same command to resume")
+                                     start_worker=functools.partial(setup, args, data, store))
+        print(*report.summary(study), f"wrote {report.write_trials_csv(study, args.out)}", sep="\n")
+        if not finished:  # Ctrl-C: parallel.optimize said how to resume
             sys.exit(130)
         if not args.no_final and study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.COMPLETE]):
             final_test(study, args, data)

@@ -191,7 +191,8 @@ def resident_mb():
 def test_memory_stays_flat_over_100_trials_in_one_process(mnist_dir, tmp_path):
     args = tune.parse_args(["--data-dir", mnist_dir, "--out", str(tmp_path / "run"), "--epochs", "1",
                             "--device", "cpu"])
-    study, objective = tune.setup(args, load_mnist(mnist_dir, torch.device("cpu")))
+    store = optuna.artifacts.FileSystemArtifactStore(args.artifacts)
+    study, objective = tune.setup(args, load_mnist(mnist_dir, torch.device("cpu")), store)
     parallel.run_trials(study, objective, n_trials=5)  # warm up: allocator pools, imports, caches
     before = resident_mb()
     parallel.run_trials(study, objective, n_trials=105)
