@@ -250,18 +250,18 @@ def parse_args(argv=None):
     parser = Parser(description="Train the MLP once on MNIST and print its test accuracy at the end.")
     parser.add_argument("--data-dir", default="data", help="MNIST root; MNIST/raw is read or downloaded (default: data)")
     parser.add_argument("--device", default="auto", help="auto, cuda, cuda:N, mps or cpu (default: auto)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for weights, shuffles and dropout (default: 0)")
+    parser.add_argument("--seed", type=whole_number(0), default=0,
+                        help="seed for weights, shuffles and dropout (default: 0)")
     for key, default in DEFAULT_HPARAMS.items():
         flag = "--" + key.replace("_", "-")
         if isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
                                 help=f"(default: {default})")
-        else:
-            parser.add_argument(flag, type=type(default), default=default, help=f"(default: {default})")
+        else:  # sizes, batch size and epochs: whole numbers of at least 1
+            parser.add_argument(flag, type=whole_number(1) if isinstance(default, int) else float, default=default,
+                                help=f"(default: {default})")
     args = parser.parse_args(argv)
     hparams = {key: getattr(args, key) for key in DEFAULT_HPARAMS}
-    if min(hparams[key] for key in DEFAULT_HPARAMS if type(DEFAULT_HPARAMS[key]) is int) < 1:
-        parser.error("sizes, batch size and epochs must be at least 1")
     if not 0 <= hparams["dropout"] < 1 or min(hparams["learning_rate"], hparams["momentum"], hparams["weight_decay"]) < 0:
         parser.error("dropout must be in [0, 1); learning rate, momentum and weight decay at least 0")
     if hparams["nesterov"] and hparams["momentum"] == 0:
