@@ -257,7 +257,7 @@ def parse_args(argv=None):
         if isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
                                 help=f"(default: {default})")
-        else:  # sizes, batch size and epochs: whole numbers of at least 1
+        else:  # whole numbers of at least 1 (sizes, batch size, epochs), or floats
             parser.add_argument(flag, type=whole_number(1) if isinstance(default, int) else float, default=default,
                                 help=f"(default: {default})")
     args = parser.parse_args(argv)
