@@ -15,13 +15,17 @@ retrain touch it. Fast by construction: no DataLoader, no per-image transforms; 
 slices of a tensor that already lives on the GPU (or CPU).
 """
 import argparse
+import gzip
 import math
+import os
+import struct
 import sys
 
 import optuna
 import torch
 import torch.nn.functional as F
 
+from cuda_graph import CapturedStep
 from mlp import MLP
 
 # ---------------------------------------------------------------------------- settings
@@ -63,18 +67,22 @@ def pick_device(name="auto", worker=0):
 
 def load_mnist(data_dir, device, download=True):
     """MNIST as normalised float tensors on `device`: train, val (a fixed split of train) and test."""
-    import torchvision  # here, not at the top: it takes seconds (it loads torch._dynamo), which tune.py's workers skip
+    raw = os.path.join(data_dir, "MNIST", "raw")
     try:
-        train_set = torchvision.datasets.MNIST(data_dir, train=True, download=download)
-        test_set = torchvision.datasets.MNIST(data_dir, train=False, download=download)
-        images, labels = torch.cat([train_set.data, test_set.data]), torch.cat([train_set.targets, test_set.targets])
-        if len(images) != len(labels) or labels.min() < 0 or labels.max() > 9:
+        if download and not all(os.path.exists(os.path.join(raw, name)) or os.path.exists(os.path.join(raw, name + ".gz"))
+                                for name in MNIST_FILES):
+            import torchvision  # only to download: importing it takes 1.5 s (it loads torch._dynamo)
+            for train in (True, False):
+                torchvision.datasets.MNIST(data_dir, train=train, download=True)
+        train_images, train_labels, test_images, test_labels = (read_idx(raw, name) for name in MNIST_FILES)
+        images, labels = torch.cat([train_images, test_images]), torch.cat([train_labels, test_labels]).long()
+        if len(images) != len(labels) or images.shape[1:] != (28, 28) or labels.max() > 9:
             raise ValueError("images and labels do not match")
     except Exception as error:  # offline, truncated, corrupt: all end in the same advice
         reason = str(error).strip().splitlines()[0].rstrip(":") if str(error).strip() else type(error).__name__
-        raise SetupError(f"cannot load MNIST from {data_dir}/MNIST/raw ({reason}); put the four files "
+        raise SetupError(f"cannot load MNIST from {raw} ({reason}); put the four files "
                          f"{', '.join(MNIST_FILES)} (or their .gz) there, or pass --data-dir") from None
-    n_train = len(train_set.data)
+    n_train = len(train_images)
     order = torch.randperm(n_train, generator=torch.Generator().manual_seed(SPLIT_SEED))
     n_val = round(n_train * VAL_FRACTION)
     parts = {"train": order[n_val:], "val": order[:n_val], "test": torch.arange(n_train, len(images))}
@@ -85,6 +93,19 @@ def load_mnist(data_dir, device, download=True):
         pixels = images[index].to(device).float().flatten(1)
         data[f"{name}_x"], data[f"{name}_y"] = (pixels / 255 - MNIST_MEAN) / MNIST_STD, labels[index].to(device)
     return data
+
+
+def read_idx(folder, name):
+    """One file in MNIST's IDX format (or its .gz) as a uint8 tensor: two zero bytes, a type byte
+    (8: unsigned bytes), the number of dimensions, each size as a big-endian int32, then the bytes."""
+    path = os.path.join(folder, name)
+    with (open(path, "rb") if os.path.exists(path) else gzip.open(path + ".gz")) as file:
+        content = file.read()
+    zeros, kind, ndim = struct.unpack(">HBB", content[:4])
+    shape = struct.unpack(f">{ndim}I", content[4:4 + 4 * ndim])
+    if zeros != 0 or kind != 8 or len(content) != 4 + 4 * ndim + math.prod(shape):
+        raise ValueError(f"{name} is not a whole IDX file of bytes")
+    return torch.frombuffer(bytearray(content[4 + 4 * ndim:]), dtype=torch.uint8).view(shape)
 
 
 def seeded_model(hparams, seed):
@@ -105,91 +126,124 @@ def evaluate(model, x, y):
 
 
 def train(model, data, hparams, trial=None, evals_per_epoch=EVALS_PER_EPOCH, verbose=False,
-          resume=None, save=None, log=None):
+          resume=None, save=None, log=None, cuda_graph=False):
     """Train with SGD; validate `evals_per_epoch` times an epoch; return the final validation accuracy.
 
     The value is that of the final weights, the model you would keep: the same number Optuna stores
     for a pruned trial (its last report), and the same kind of model the final test scores. The best
     of the reads is kept on the trial too, but picking by it would favour noisy configurations.
     Given an Optuna trial it reports each validation accuracy and stops when the pruner says so.
-    A loss that turns nan/inf ends the run at the next validation: the trial is pruned (the study
-    goes on) with the reason in its user attributes; without a trial, FloatingPointError.
+    A loss that turns nan/inf ends the run at the next validation, and running out of GPU memory
+    ends it at once: the trial is pruned (the study goes on) with the reason in its user attributes;
+    without a trial, FloatingPointError or torch.OutOfMemoryError.
 
+    With `cuda_graph=True`, on a CUDA device, each training step is replayed as a captured CUDA graph
+    (cuda_graph.py): meant to give the same results several times faster for small models; opt-in
+    until benchmarks/gpu_check.sh has measured it on a GPU. CPU and MPS always run eagerly.
     Optional: `save(checkpoint)` is called at the end of every epoch with everything needed to go
     on (see `checkpoint`); `resume=checkpoint` goes on from there exactly, random states included,
     so a resumed run ends with the very weights of an uninterrupted one (on the same machine).
     `log(report, train_loss, val_accuracy, learning_rate)` is called at every validation.
     """
     train_x, train_y, val_x, val_y = data["train_x"], data["train_y"], data["val_x"], data["val_y"]
-    model.to(train_x.device).train()
-    # fused: one kernel updates every parameter, instead of a handful of tiny ops per tensor.
-    optimizer = torch.optim.SGD(model.parameters(), lr=hparams["learning_rate"], momentum=hparams["momentum"],
-                                nesterov=hparams["nesterov"], weight_decay=hparams["weight_decay"], fused=True)
-    batch_size = hparams["batch_size"]
+    device, batch_size, captured = train_x.device, hparams["batch_size"], None
     steps_per_epoch = math.ceil(len(train_x) / batch_size)
-    # The learning rate decays linearly to zero over the run: short runs then end on small, careful
-    # steps. On the real-digit sample this lifted the best of 20-trial studies by about a point.
-    schedule = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0, end_factor=0.0,
-                                                 total_iters=hparams["epochs"] * steps_per_epoch)
     report_steps = {math.ceil(steps_per_epoch * k / evals_per_epoch) - 1 for k in range(1, evals_per_epoch + 1)}
     first_epoch, report, best_val_accuracy, val_accuracy, train_loss = 0, 0, 0.0, 0.0, math.nan
-    if resume is not None:
-        first_epoch, report, best_val_accuracy, val_accuracy, train_loss = restore(resume, model, optimizer, schedule)
-    loss_sum, loss_steps = torch.zeros((), device=train_x.device), 0  # summed on the device: no sync per step
-    for epoch in range(first_epoch, hparams["epochs"]):
-        # One shuffled copy per epoch, so that every minibatch below is a contiguous slice.
-        order = torch.randperm(len(train_x), device=train_x.device)
-        epoch_x, epoch_y = train_x[order], train_y[order]
-        for step in range(steps_per_epoch):
-            batch = slice(step * batch_size, (step + 1) * batch_size)
-            loss = F.cross_entropy(model(epoch_x[batch]), epoch_y[batch])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            loss_sum += loss.detach()
-            loss_steps += 1
-            if step not in report_steps:
-                continue
-            # Checked here, not every step: reading a GPU value makes the CPU wait for the GPU. Once
-            # nan/inf, the weights stay so, and the mean loss since the last report shows it.
-            train_loss = loss_sum.item() / loss_steps  # mean since the last report
-            loss_sum.zero_()
-            loss_steps = 0
-            if not math.isfinite(train_loss):
-                reason = f"loss became nan/inf in epoch {epoch + 1} (learning rate too high?)"
-                if trial is None:
-                    raise FloatingPointError(reason)
-                trial.set_user_attr("pruned_reason", reason)
-                raise optuna.TrialPruned(reason)
-            val_accuracy = evaluate(model, val_x, val_y)
-            best_val_accuracy = max(best_val_accuracy, val_accuracy)
-            if verbose:
-                print(f"epoch {epoch + 1} step {step + 1}/{steps_per_epoch}: "
-                      f"train_loss {train_loss:.4f}  val_accuracy {val_accuracy:.4f}")
-            if log is not None:
-                log(report, train_loss, val_accuracy, schedule.get_last_lr()[0])
-            if trial is not None:
-                trial.report(val_accuracy, report)
-            report += 1
-            if trial is not None and trial.should_prune():
-                keep_on_trial(trial, train_loss, best_val_accuracy)
-                raise optuna.TrialPruned(f"val_accuracy {val_accuracy:.4f} at report {report}")
-        if save is not None:  # the last step of an epoch is a report: nothing is summed half-way
-            save(checkpoint(model, optimizer, schedule, hparams, epoch + 1, report, best_val_accuracy,
-                            val_accuracy, train_loss))
+    try:
+        model.to(device).train()
+        optimizer, schedule = sgd_with_schedule(model, hparams, hparams["epochs"] * steps_per_epoch)
+        if resume is not None:
+            first_epoch, report, best_val_accuracy, val_accuracy, train_loss = restore(resume, model, optimizer,
+                                                                                      schedule)
+        loss_sum, loss_steps = torch.zeros((), device=device), 0  # summed on the device: no sync per step
+        if cuda_graph and device.type == "cuda":
+            captured = CapturedStep(lambda x, y: sgd_step(model, optimizer, x, y, loss_sum), optimizer)
+        for epoch in range(first_epoch, hparams["epochs"]):
+            # One shuffled copy per epoch, so that every minibatch below is a contiguous slice.
+            order = torch.randperm(len(train_x), device=device)
+            epoch_x, epoch_y = train_x[order], train_y[order]
+            for step in range(steps_per_epoch):
+                batch = slice(step * batch_size, (step + 1) * batch_size)
+                if captured is not None and step < len(train_x) // batch_size:  # whole batches: replayed
+                    captured(epoch_x[batch], epoch_y[batch])
+                else:
+                    optimizer.zero_grad(set_to_none=True)
+                    sgd_step(model, optimizer, epoch_x[batch], epoch_y[batch], loss_sum)
+                schedule.step()
+                loss_steps += 1
+                if step not in report_steps:
+                    continue
+                # Checked here, not every step: reading a GPU value makes the CPU wait for the GPU. Once
+                # nan/inf, the weights stay so, and the mean loss since the last report shows it.
+                train_loss = loss_sum.item() / loss_steps  # mean since the last report
+                loss_sum.zero_()
+                loss_steps = 0
+                if not math.isfinite(train_loss):
+                    reason = f"loss became nan/inf in epoch {epoch + 1} (learning rate too high?)"
+                    if trial is None:
+                        raise FloatingPointError(reason)
+                    prune(trial, reason)
+                val_accuracy = evaluate(model, val_x, val_y)
+                best_val_accuracy = max(best_val_accuracy, val_accuracy)
+                if verbose:
+                    print(f"epoch {epoch + 1} step {step + 1}/{steps_per_epoch}: "
+                          f"train_loss {train_loss:.4f}  val_accuracy {val_accuracy:.4f}")
+                if log is not None:
+                    log(report, train_loss, val_accuracy, schedule.get_last_lr()[0])
+                if trial is not None:
+                    trial.report(val_accuracy, report)
+                report += 1
+                if trial is not None and trial.should_prune():
+                    keep_on_trial(trial, train_loss, best_val_accuracy)
+                    raise optuna.TrialPruned(f"val_accuracy {val_accuracy:.4f} at report {report}")
+            if save is not None:  # the last step of an epoch is a report: nothing is summed half-way
+                save(checkpoint(model, optimizer, schedule, hparams, epoch + 1, report, best_val_accuracy,
+                                val_accuracy, train_loss))
+    except torch.OutOfMemoryError as error:  # optuna issues #1224, #4934: one trial too big for the GPU
+        if trial is None:
+            raise
+        prune(trial, f"out of memory on {device}: {str(error).splitlines()[0][:120]}")
+    finally:
+        if captured is not None:
+            captured.close()  # the graph's memory goes back now, not at some later garbage collection
     if trial is not None:
         keep_on_trial(trial, train_loss, best_val_accuracy)
     return val_accuracy
 
 
-def retrain_on_train_and_val(data, hparams, seed):
+def sgd_with_schedule(model, hparams, total_steps):
+    # fused: one kernel updates every parameter, instead of a handful of tiny ops per tensor.
+    optimizer = torch.optim.SGD(model.parameters(), lr=hparams["learning_rate"], momentum=hparams["momentum"],
+                                nesterov=hparams["nesterov"], weight_decay=hparams["weight_decay"], fused=True)
+    # The learning rate decays linearly to zero over the run: short runs then end on small, careful
+    # steps. On the real-digit sample this lifted the best of 20-trial studies by about a point.
+    schedule = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0, end_factor=0.0, total_iters=total_steps)
+    return optimizer, schedule
+
+
+def sgd_step(model, optimizer, x, y, loss_sum):
+    """Forward, backward, update; the loss is added to `loss_sum` on the device (no host read, so
+    the same function runs eagerly and as a CUDA graph). Gradients must be None or zero before."""
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    optimizer.step()
+    loss_sum += loss.detach()
+
+
+def prune(trial, reason):
+    """End a trial that cannot go on: pruned (the study goes on), with the reason kept on it."""
+    trial.set_user_attr("pruned_reason", reason)
+    raise optuna.TrialPruned(reason)
+
+
+def retrain_on_train_and_val(data, hparams, seed, cuda_graph=False):
     """The model to keep once tuning is over: the chosen hparams trained on train + validation
     together (nothing is left to choose, so nothing to validate). Only the test set is left to score it."""
     train_and_val = {**data, "train_x": torch.cat([data["train_x"], data["val_x"]]),
                      "train_y": torch.cat([data["train_y"], data["val_y"]])}
     model = seeded_model(hparams, seed)
-    train(model, train_and_val, hparams, evals_per_epoch=1)  # its validation reads are seen data: unused
+    train(model, train_and_val, hparams, evals_per_epoch=1, cuda_graph=cuda_graph)  # its validation reads: seen data
     return model
 
 
@@ -252,6 +306,8 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="auto", help="auto, cuda, cuda:N, mps or cpu (default: auto)")
     parser.add_argument("--seed", type=whole_number(0), default=0,
                         help="seed for weights, shuffles and dropout (default: 0)")
+    parser.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=False,
+                        help="on CUDA, replay each training step as a captured CUDA graph (default: off)")
     for key, default in DEFAULT_HPARAMS.items():
         flag = "--" + key.replace("_", "-")
         if isinstance(default, bool):
@@ -279,7 +335,7 @@ def main(argv=None):
         sys.exit(2)
     print(f"device {device}; train {len(data['train_x'])}, val {len(data['val_x'])}, test {len(data['test_x'])} images")
     model = seeded_model(hparams, args.seed)
-    val_accuracy = train(model, data, hparams, verbose=True)
+    val_accuracy = train(model, data, hparams, verbose=True, cuda_graph=args.cuda_graph)
     # The test set, once, at the very end: the number you may quote.
     test_accuracy = evaluate(model, data["test_x"], data["test_y"])
     print(f"final model: val_accuracy {val_accuracy:.4f}, test_accuracy {test_accuracy:.4f}")

@@ -15,6 +15,7 @@ import signal
 if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
     signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))  # Ctrl-C in the imports below: no traceback
 
+import argparse
 import functools
 import sys
 
@@ -53,14 +54,14 @@ def suggest_hparams(trial, epochs):
     }
 
 
-def objective(trial, data, epochs, seed, store, tensorboard=None):
+def objective(trial, data, epochs, seed, store, tensorboard=None, cuda_graph=False):
     """Suggest, build, train, return: the validation accuracy of the trained model's final weights."""
     hparams = suggest_hparams(trial, epochs)
     trial.set_user_attr("seed", seed)  # weights, shuffles and dropout: what the final retrain repeats
     keeper = checkpoints.Keeper(trial, store, data["train_x"].device)  # saves each epoch; a retry resumes
     with report.TrialCurves(tensorboard, trial) as log:  # TensorBoard curves, if asked for
         return train(seeded_model(hparams, seed), data, hparams, trial,
-                     resume=keeper.resume(), save=keeper.save, log=log)
+                     resume=keeper.resume(), save=keeper.save, log=log, cuda_graph=cuda_graph)
 
 
 def make_sampler(name, seed):
@@ -93,7 +94,7 @@ def setup(args, data, store, worker=0):
     seed = np.random.SeedSequence([args.seed, worker, len(study.trials)]).generate_state(1)[0]
     study.sampler = make_sampler(args.sampler, int(seed))
     return study, functools.partial(objective, data=data, epochs=args.epochs, seed=args.seed, store=store,
-                                    tensorboard=args.tensorboard)
+                                    tensorboard=args.tensorboard, cuda_graph=args.cuda_graph)
 
 
 def after_trial(study, trial, store):
@@ -114,7 +115,7 @@ def final_test(study, args, data):
     print(f"retraining trial {best.number} on train + validation...", flush=True)
     hparams = suggest_hparams(optuna.trial.FixedTrial(best.params), args.epochs)
     try:
-        model = retrain_on_train_and_val(data, hparams, run["seed"])
+        model = retrain_on_train_and_val(data, hparams, run["seed"], args.cuda_graph)
     except FloatingPointError as error:  # exit 1, the message on stderr; the study and trials.csv stay
         sys.exit(f"tune.py: the retrain of trial {best.number} diverged ({error}); best.json is not written")
     test_accuracy = evaluate(model, data["test_x"], data["test_y"])
@@ -139,6 +140,8 @@ def parse_args(argv=None):
     add("--out", help="output folder (default: runs/STUDY-NAME)")
     add("--artifacts", help="checkpoint folder; one all machines share, with --storage (default: OUT/artifacts)")
     add("--tensorboard", metavar="DIR", type=report.tensorboard_folder, help="curves, a run per trial (default: off)")
+    add("--cuda-graph", action=argparse.BooleanOptionalAction, default=False,
+        help="on CUDA, each training step replayed as a CUDA graph (default: off)")
     add("--workers", type=whole_number(1), default=1, help="processes on this machine (default: 1)")
     add("--heartbeat", metavar="SECONDS", type=whole_number(1), default=parallel.HEARTBEAT, help="(default: %(default)s)")
     add("--no-final", action="store_true", help="skip the final retrain and test-set score")

@@ -131,8 +131,10 @@ def test_ctrl_c_fails_the_running_trial_writes_files_exits_130_and_resumes(mnist
 
 def test_ctrl_c_at_many_moments_never_prints_a_traceback_and_the_rerun_ends_at_the_budget(mnist_dir, tmp_path):
     out = str(tmp_path / "run")
-    flags = ["--n-trials", "3", "--epochs", "60", "--pruner", "none", "--heartbeat", "1"]
-    # From the first import to well inside a trial (start-up takes about 3 s on 2 cores).
+    # Trials long enough (about 10 s each on 2 cores) that every Ctrl-C lands inside the first
+    # three, which each run goes on with from its last checkpoint.
+    flags = ["--n-trials", "3", "--epochs", "150", "--pruner", "none", "--heartbeat", "1"]
+    # From the first import to well inside a trial (start-up takes about 1.5 s on 2 cores).
     for delay in [0.2, 0.6, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.5]:
         process = start_tune(mnist_dir, out, *flags)
         time.sleep(delay)
@@ -160,7 +162,7 @@ def test_ctrl_c_during_the_final_retrain_exits_130_and_the_rerun_retrains(mnist_
     for line in process.stdout:
         if line.startswith("retraining"):
             break
-    time.sleep(0.5)
+    time.sleep(0.1)  # the retrain takes about a second
     os.killpg(process.pid, signal.SIGINT)
     assert_stopped_cleanly(*finish(process))
     assert not os.path.exists(os.path.join(out, "best.json"))

@@ -8,6 +8,7 @@ import torch
 import train_loop
 
 from conftest import N_TEST, N_TRAIN, assert_usage_error, run_script, write_mnist
+from mlp import MLP
 from train_loop import DEFAULT_HPARAMS, SetupError, evaluate, load_mnist, seeded_model, train
 
 GOOD = dict(DEFAULT_HPARAMS, learning_rate=0.05, hidden_size=64, layer_size=2, epochs=1)
@@ -66,6 +67,34 @@ def test_a_run_resumed_from_any_epochs_checkpoint_ends_with_the_same_value_and_w
         assert train(resumed, data, hparams, resume=torch.load(io.BytesIO(epoch_checkpoint), weights_only=True)) == value
         for a, b in zip(whole.state_dict().values(), resumed.state_dict().values()):
             assert torch.equal(a, b)
+
+
+def test_a_trial_that_runs_out_of_memory_is_pruned_with_the_reason_and_the_study_goes_on(data):
+    class RunsOutAtStep3(MLP):  # as a GPU would answer a too-big batch (tests/test_gpu.py does it for real)
+        calls = 0
+
+        def forward(self, x):
+            RunsOutAtStep3.calls += 1
+            if RunsOutAtStep3.calls == 3:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+            return super().forward(x)
+
+    def objective(trial):
+        hidden_size = trial.suggest_categorical("hidden_size", [64, 32])
+        model = (RunsOutAtStep3 if hidden_size == 64 else MLP)(784, hidden_size, 10, 2, 0.0)
+        return train(model, data, dict(GOOD, hidden_size=hidden_size), trial)
+
+    study = optuna.create_study(direction="maximize")
+    study.enqueue_trial({"hidden_size": 64})
+    study.enqueue_trial({"hidden_size": 32})
+    study.optimize(objective, n_trials=2)
+    too_big, fine = study.trials
+    assert too_big.state == optuna.trial.TrialState.PRUNED
+    assert too_big.user_attrs["pruned_reason"].startswith("out of memory on cpu: CUDA out of memory. Tried")
+    assert fine.state == optuna.trial.TrialState.COMPLETE and fine.value > 0.9
+    RunsOutAtStep3.calls = 0
+    with pytest.raises(torch.OutOfMemoryError):  # without a trial, the error itself
+        train(RunsOutAtStep3(784, 64, 10, 2, 0.0), data, GOOD)
 
 
 def test_pruner_really_prunes_a_bad_trial_in_a_real_study(data):

@@ -108,7 +108,7 @@ def test_best_json_is_reused_only_for_the_same_study_trial_and_data(mnist_dir, t
 def test_a_diverging_retrain_says_so_in_one_line_and_keeps_the_study(mnist_dir, tmp_path, monkeypatch):
     out = tmp_path / "run"
 
-    def diverge(data, hparams, seed):  # what train() raises when the loss turns nan without a trial
+    def diverge(data, hparams, seed, cuda_graph):  # what train() raises when the loss turns nan without a trial
         raise FloatingPointError("loss became nan/inf in epoch 1 (learning rate too high?)")
 
     monkeypatch.setattr(tune, "retrain_on_train_and_val", diverge)
