@@ -1,17 +1,19 @@
-"""Checkpoints inside a trial, kept as Optuna artifacts: a killed trial's retry goes on from its last epoch.
+"""Checkpoints inside a trial, kept in an Optuna artifact store: a killed or stopped trial goes on where it was.
 
     store = optuna.artifacts.FileSystemArtifactStore("runs/mnist-mlp/artifacts")
     keeper = checkpoints.Keeper(trial, store, device)           # in the objective
     train(model, data, hparams, trial, resume=keeper.resume(), save=keeper.save)
     checkpoints.remove_finished(study, store)                    # after each trial: a flat disk
 
-How a retry finds its parent's checkpoint: every save uploads a new artifact (a file in the store,
-listed on the trial: optuna-dashboard --artifact-dir shows it), records its id in the trial's user
-attribute "checkpoint", then removes the previous one. When a process dies, Optuna's
+How a retry finds its checkpoint: every save writes a new file to the store, records its name in the
+trial's user attribute "checkpoint", then removes the previous one. When a process dies, Optuna's
 RetryHeartbeatStaleTrialCallback queues its trial again with the same parameters and user
-attributes (parallel.py does the same on Ctrl-C), so the retry starts with the id of the dead
-trial's last checkpoint, and train() goes on from there: model, optimizer, learning-rate schedule
-and random states, so it ends exactly as the uninterrupted trial would have (same machine).
+attributes, so the retry starts with the name of the dead trial's last checkpoint (from the end of
+an epoch); a trial stopped by SIGTERM or Ctrl-C is put back in the queue as it is (parallel.py),
+with a checkpoint of the very step it stopped at. train() goes on from there: model, optimizer,
+learning-rate schedule, the epoch's shuffle and random states, so it ends exactly as the
+uninterrupted trial would have (same machine). A checkpoint that cannot be read is a warning and
+a fresh start of its trial.
 
 Used by tune.py; imports nothing from it. `python checkpoints.py STORE_DIR` lists a store's files.
 """
@@ -19,12 +21,14 @@ import argparse
 import contextlib
 import io
 import os
-import tempfile
+import sys
+import uuid
 
-import optuna
 import torch
 from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.trial import TrialState
+
+from train_loop import checkpoint_problem
 
 
 class Keeper:
@@ -32,28 +36,39 @@ class Keeper:
 
     def __init__(self, trial, store, device):
         self.trial, self.store, self.device = trial, store, device
-        self.artifact_id = trial.user_attrs.get("checkpoint")  # inherited from a killed trial, or None
+        self.artifact_id = trial.user_attrs.get("checkpoint")  # inherited, or None
 
     def resume(self):
-        """The inherited checkpoint as a dict for train(resume=...), or None for a fresh trial."""
+        """The inherited checkpoint as a dict for train(resume=...), or None for a fresh trial. One
+        that cannot be read (cut short, not a torch file, another format, keys missing, removed by
+        hand) means a warning line and a fresh start, never a crash."""
         if self.artifact_id is None:
             return None
         try:
             with self.store.open_reader(self.artifact_id) as reader:
                 saved = torch.load(io.BytesIO(reader.read()), map_location=self.device, weights_only=True)
-        except ArtifactNotFound:  # removed by hand, or another --artifacts folder: start afresh
-            self.artifact_id = None
-            return None
-        self.trial.set_user_attr("resumed_from", f"trial {saved['trial']} after epoch {saved['epochs_done']}")
+            problem = checkpoint_problem(saved)
+        except Exception as error:  # whatever a damaged file makes torch.load (or the store) raise
+            problem = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        if problem:
+            print(f"warning: trial {self.trial.number}: its checkpoint {self.artifact_id} cannot be used ({problem}); "
+                  "the trial starts afresh", file=sys.stderr, flush=True)
+            return None  # (the file goes at this trial's first save, as an outgrown checkpoint does)
+        where = (f"epoch {saved['epochs_done']}" if saved["step"] == 0
+                 else f"report {saved['report'] - 1} (epoch {saved['epochs_done'] + 1}, batch {saved['step']})")
+        self.trial.set_user_attr("resumed_from", f"trial {saved['trial']} after {where}")
         return saved
 
     def save(self, checkpoint):
-        """Upload the checkpoint as a new artifact of this trial, point the trial at it, drop the old one."""
-        with tempfile.TemporaryDirectory() as folder:
-            path = os.path.join(folder, f"trial-{self.trial.number}-epoch-{checkpoint['epochs_done']}.pt")
-            torch.save({**checkpoint, "trial": self.trial.number}, path)
-            artifact_id = optuna.artifacts.upload_artifact(artifact_store=self.store, file_path=path,
-                                                           study_or_trial=self.trial)
+        """Write the checkpoint as a new file of the store, point the trial at it, drop the old one.
+        Until the trial points at it, a retry uses the old one: a save cut short is never "the latest".
+        Checkpoints are files of the store, not artifacts recorded on the trial (upload_artifact):
+        Optuna cannot delete such a record, and these files come and go every epoch."""
+        artifact_id = f"trial-{self.trial.number}-{uuid.uuid4().hex}.pt"
+        buffer = io.BytesIO()
+        torch.save({**checkpoint, "trial": self.trial.number}, buffer)
+        buffer.seek(0)
+        self.store.write(artifact_id, buffer)
         self.trial.set_user_attr("checkpoint", artifact_id)  # from here on, a retry starts from this one
         remove(self.store, self.artifact_id)
         self.artifact_id = artifact_id

@@ -1,16 +1,18 @@
-"""The machinery beside tune.py: crash-safe storage, an exact budget, worker processes, Ctrl-C.
+"""The machinery beside tune.py: crash-safe storage, an exact budget, worker processes, stops.
 
 tune.py holds the Optuna idea (search space, objective, study). This file keeps a study whole
-when a process dies, when several processes or machines share it, and when someone presses Ctrl-C:
+when a process dies, when several processes or machines share it, and when it is asked to stop
+(Ctrl-C, or SIGTERM from a cluster's scheduler):
 
     storage = parallel.connect("sqlite:///runs/x/study.db", heartbeat=10)   # for optuna.create_study
     parallel.check_resume(study, settings)       # a resumed study must be run as it was run before
-    with parallel.handle_ctrl_c():
+    with parallel.handle_stops():
         parallel.start_workers(2)                # optional, early: they import while this process loads data
         finished = parallel.optimize(study, objective, n_trials=30, workers=2, start_worker=setup)
 
 It imports nothing from tune.py: tune.py hands it a study, an objective, and `start_worker(i)`,
-which sets up worker process i and returns that process's (study, objective).
+which sets up worker process i and returns that process's (study, objective). The objective
+passes `stop_requested` to training, and puts a trial that stopped back in the queue (`queue_again`).
 
 Terms: a *heartbeat* is a timestamp a running trial writes every few seconds; a trial silent for
 GRACE of them belongs to a dead process, so it is marked FAIL and queued again (a WAITING trial
@@ -24,6 +26,7 @@ import re
 import signal
 import socket
 import sys
+import threading
 import time
 import warnings
 
@@ -53,10 +56,6 @@ class BudgetTaken(Exception):
 
 class StudyMismatch(Exception):
     """The study in the storage was run otherwise than this run would run it; the message says how."""
-
-
-class Interrupted(Exception):
-    """Ctrl-C: the running trial stops at its next report and is marked FAIL."""
 
 
 def connect(url, heartbeat):
@@ -120,29 +119,33 @@ def lock_sqlite_writes_up_front(engine):
     engine.dispose()  # connections made before the listeners: closed, so every new one has them
 
 
-# ------------------------------------------------------------------ Ctrl-C: stop at a safe point
-stop_requested = False  # set by the first Ctrl-C while trials run; read at every report
-trials_running = False  # between these moments a Ctrl-C asks; at any other moment it stops at once
-worker_processes = []   # (process, pipe for its orders): this process's workers, told of Ctrl-C by SIGTERM
+# ------------------------------------------------------------------ stops: Ctrl-C and SIGTERM
+stop_signal = None      # the first Ctrl-C (SIGINT) or SIGTERM while trials run: stop at the next report
+trials_running = False  # between these moments a signal asks; at any other moment it stops at once
+worker_processes = []   # (process, pipe for its orders): this process's workers, told to stop by SIGTERM
 
 
-def on_ctrl_c(signum, frame):
-    """The first Ctrl-C while trials run asks them to stop at a safe point; any other, now.
+def on_stop(signum, frame):
+    """The first Ctrl-C or SIGTERM while trials run asks them to stop at a safe point; any other, now.
 
-    A handler that raised KeyboardInterrupt (Python's default) could land inside a database write
-    and leave a trial half-told. This one only sets a flag, which trials read right after each
-    report (see `optimize_one`). It writes with os.write: print() here could re-enter a print()
-    that the signal interrupted."""
-    global stop_requested
-    if trials_running and not stop_requested:
-        stop_requested = True
-        os.write(2, b"\nCtrl-C: the running trial stops at its next report (Ctrl-C again to stop at once)\n")
+    SIGTERM is how Slurm, Kubernetes, spot machines and `kill PID` ask a job to end, with SIGKILL
+    some 30 s later: the running trial stops at its next report (seconds), saves its place and is
+    queued again; the exit code is 128 + the signal (130 for Ctrl-C, 143 for SIGTERM). A handler
+    that raised an exception (Python's KeyboardInterrupt) could land inside a database write and
+    leave a trial half-told; this one only sets a flag, read right after each report (see
+    `optimize_one`). It writes with os.write: print() here could re-enter a print() it interrupted."""
+    global stop_signal
+    name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+    if trials_running and stop_signal is None:
+        stop_signal = signum
+        os.write(2, f"\n{name}: the running trial stops at its next report and is queued again "
+                    f"({name} again to stop at once)\n".encode())
         signal_workers(signal.SIGTERM)
         return
     os.write(2, b"\nstopped at once: a trial left running is retried once its heartbeat is stale\n"
-             if stop_requested else b"\ninterrupted\n")
+             if stop_signal else f"\n{name}: stopped\n".encode())
     signal_workers(signal.SIGKILL)
-    os._exit(130)
+    os._exit(128 + signum)
 
 
 def signal_workers(signum):
@@ -153,21 +156,36 @@ def signal_workers(signum):
 
 
 @contextlib.contextmanager
-def handle_ctrl_c():
-    """Ctrl-C goes to on_ctrl_c inside this block, unless it is ignored (nohup, a background job)."""
-    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, on_ctrl_c)
+def handle_stops():
+    """SIGTERM, and Ctrl-C unless it is ignored (nohup, a background job), go to on_stop inside this block."""
+    signals = [signal.SIGTERM] + [signal.SIGINT] * (signal.getsignal(signal.SIGINT) is not signal.SIG_IGN)
+    previous = {signum: signal.signal(signum, on_stop) for signum in signals}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def stop_requested():
+    return stop_signal is not None
+
+
+def queue_again(trial):
+    """Put a running trial back in the queue as it is (WAITING): number, parameters, reports, the
+    pruner's bookkeeping and its checkpoint. The next run, or another worker, picks it up at once and
+    goes on where it stopped: a stop is not a crash, and uses none of the trial's MAX_RETRY."""
+    storage = trial.storage
+    study_id = storage.get_study_id_from_name(trial.study.study_name)
+    storage.set_trial_state_values(storage.get_trial_id_from_study_id_trial_number(study_id, trial.number),
+                                   state=TrialState.WAITING)
 
 
 # ------------------------------------------------------------------ running trials
 def optimize_one(study, objective, n_trials, callbacks):
-    """One trial with the exact budget and a Ctrl-C check at each report."""
+    """One trial with the exact budget. A trial that stops (see `on_stop`) leaves by an exception
+    that is not an Exception (tune.py's objective queues it again first), which Optuna lets through
+    without marking the trial FAIL."""
     def guarded(trial):
         # Trial numbers are handed out atomically by the storage, so "is this trial past the budget,
         # counting the unfailed trials before it?" has one answer on every worker: the budget is exact.
@@ -177,22 +195,13 @@ def optimize_one(study, objective, n_trials, callbacks):
             trial.set_user_attr("fail_reason", "not trained: another worker took the last trial of the budget")
             raise BudgetTaken()
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-        should_prune = trial.should_prune
-
-        def should_prune_or_stop():  # train() asks this right after every trial.report(): a safe point
-            if stop_requested:  # queued again as Optuna queues a dead process's trial (see connect)
-                running = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
-                optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=None)(trial.study, running)
-                raise Interrupted()
-            return should_prune()
-
-        trial.should_prune = should_prune_or_stop
         return objective(trial)
 
-    try:  # Optuna marks the trial FAIL when the objective raises, then raises it again here
+    try:  # Optuna marks the trial FAIL when the objective raises an Exception, then raises it again here
         study.optimize(guarded, n_trials=1, catch=(BudgetTaken,), callbacks=callbacks)
-    except Interrupted:
-        pass  # stop_requested is set: the caller's loop ends
+    except BaseException as error:  # train_loop.Stopped: the trial stopped at a report, and is queued again
+        if isinstance(error, Exception) or not stop_requested():
+            raise
 
 
 def unfailed_trials(study):
@@ -205,7 +214,7 @@ def run_trials(study, objective, n_trials, timeout=None, callbacks=()):
     process dies, its heartbeat stops, and this process runs the retry. False if Ctrl-C stopped it."""
     deadline = time.monotonic() + (timeout or float("inf"))
     said_waiting = False
-    while time.monotonic() < deadline and not stop_requested:
+    while time.monotonic() < deadline and not stop_requested():
         trials = unfailed_trials(study)
         if len(trials) < n_trials or any(t.state == TrialState.WAITING for t in trials):
             optimize_one(study, objective, n_trials, callbacks)  # Optuna fails stale trials before each
@@ -221,17 +230,18 @@ def run_trials(study, objective, n_trials, timeout=None, callbacks=()):
                   f"failed and retried after {GRACE} missed heartbeats", flush=True)
             said_waiting = True
         time.sleep(1)
-    return not stop_requested
+    return not stop_requested()
 
 
 def optimize(study, objective, n_trials, timeout=None, callbacks=(), workers=1, start_worker=None):
-    """Run the study to n_trials in this process and workers - 1 more; False if Ctrl-C stopped it.
+    """Run the study to n_trials in this process and workers - 1 more; False if a stop ended it first.
 
     Each extra worker is a fresh process (spawn: no CUDA or lock state copied) that calls
     start_worker(i) for its own study connection and data, then runs trials like this one."""
-    global trials_running, stop_requested
-    stop_requested = False
-    if len(unfailed_trials(study)) >= n_trials:
+    global trials_running, stop_signal
+    stop_signal = None
+    trials = unfailed_trials(study)
+    if len(trials) >= n_trials and not any(t.state == TrialState.WAITING for t in trials):
         print(f"study {study.study_name!r} already holds its {n_trials} trials: nothing to train (raise --n-trials)")
     start_workers(workers)  # those not started yet
     for _, orders in worker_processes:
@@ -245,11 +255,11 @@ def optimize(study, objective, n_trials, timeout=None, callbacks=(), workers=1, 
         trials_running = False
     crashed = [worker.exitcode for worker, _ in worker_processes if worker.exitcode]
     worker_processes.clear()
-    if crashed and not stop_requested:  # its trial was failed and retried here (heartbeat), or will be
+    if crashed and not stop_requested():  # its trial was failed and retried here (heartbeat), or will be
         print(f"warning: worker exit codes {crashed}: see the errors above", file=sys.stderr)
-    if stop_requested:
-        print("interrupted: the running trial is marked failed and queued again; run the same command to resume")
-    return not stop_requested
+    if stop_requested():
+        print("stopped: the running trial is queued again with its place saved; run the same command to resume")
+    return not stop_requested()
 
 
 def start_workers(count):
@@ -273,12 +283,22 @@ def start_workers(count):
 
 def worker_main(worker, orders):
     global trials_running
+    parent = os.getppid()
     try:
         start_worker, n_trials, timeout, callbacks = orders.recv()
     except EOFError:  # the parent ended before its study began
         return
-    signal.signal(signal.SIGTERM, on_ctrl_c)  # the parent's "stop at a safe point", then "now"
+    signal.signal(signal.SIGTERM, on_stop)  # the parent's "stop at a safe point", then "now"
+    threading.Thread(target=stop_when_orphaned, args=(parent,), daemon=True).start()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     study, objective = start_worker(worker)
     trials_running = True
     run_trials(study, objective, n_trials, timeout, callbacks)
+
+
+def stop_when_orphaned(parent):
+    """A worker whose parent is gone, even by kill -9 (which no handler sees), stops as on SIGTERM:
+    its trial at its next report, queued again. Checked every second (os.getppid() changes at once)."""
+    while os.getppid() == parent:
+        time.sleep(1)
+    os.kill(os.getpid(), signal.SIGTERM)

@@ -76,7 +76,8 @@ def write_trials_csv(study, out):
     """One row per trial: number, state, value, params_*, user_attrs_* (best/last val accuracy, seed...)."""
     df = study.trials_dataframe()
     if "duration" in df:
-        df["duration"] = df["duration"].dt.total_seconds()  # seconds read better than "0 days 00:00:03"
+        # Seconds read better than "0 days 00:00:03"; a WAITING trial has none.
+        df["duration"] = df["duration"].map(lambda duration: duration.total_seconds(), na_action="ignore")
     path = os.path.join(out, "trials.csv")
     replace_atomically(path, lambda tmp: df.to_csv(tmp, index=False))
     return path

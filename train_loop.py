@@ -39,6 +39,9 @@ VAL_FRACTION = 1 / 6  # 10,000 of MNIST's 60,000 training images; the same fract
 SPLIT_SEED = 0        # fixed, so every trial and every study is scored on the very same images
 EVALS_PER_EPOCH = 4   # validation passes (= trial.report calls) per epoch: more, and pruning acts sooner
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081  # pixel statistics of MNIST's training set, the usual normalisation
+CHECKPOINT_FORMAT = 2  # checkpoints of another format (1: no "step" yet) start their trial afresh
+CHECKPOINT_KEYS = ("state_dict", "hparams", "optimizer", "schedule", "random_state", "order", "epochs_done", "step",
+                   "report", "best_val_accuracy", "val_accuracy", "train_loss")
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 # ------------------------------------------------------------------------------------
@@ -46,6 +49,11 @@ MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
 
 class SetupError(Exception):
     """Something the user can fix (files, flags, devices); the message says how."""
+
+
+class Stopped(BaseException):
+    """train() stopped because `stop()` said so, after saving its place. Not an Exception (like
+    KeyboardInterrupt): Optuna marks a trial FAIL on any Exception; a stopped one is queued again."""
 
 
 def pick_device(name="auto", worker=0):
@@ -126,7 +134,7 @@ def evaluate(model, x, y):
 
 
 def train(model, data, hparams, trial=None, evals_per_epoch=EVALS_PER_EPOCH, verbose=False,
-          resume=None, save=None, log=None, cuda_graph=False):
+          resume=None, save=None, log=None, stop=None, cuda_graph=False):
     """Train with SGD; validate `evals_per_epoch` times an epoch; return the final validation accuracy.
 
     The value is that of the final weights, the model you would keep: the same number Optuna stores
@@ -144,26 +152,35 @@ def train(model, data, hparams, trial=None, evals_per_epoch=EVALS_PER_EPOCH, ver
     on (see `checkpoint`); `resume=checkpoint` goes on from there exactly, random states included,
     so a resumed run ends with the very weights of an uninterrupted one (on the same machine).
     `log(report, train_loss, val_accuracy, learning_rate)` is called at every validation.
+    `stop()` is asked after every report: when it says True (SIGTERM, Ctrl-C), the run saves its
+    place, this very step of the epoch, and raises Stopped; resumed, it goes on from the next step.
     """
     train_x, train_y, val_x, val_y = data["train_x"], data["train_y"], data["val_x"], data["val_y"]
     device, batch_size, captured = train_x.device, hparams["batch_size"], None
     steps_per_epoch = math.ceil(len(train_x) / batch_size)
     report_steps = {math.ceil(steps_per_epoch * k / evals_per_epoch) - 1 for k in range(1, evals_per_epoch + 1)}
-    first_epoch, report, best_val_accuracy, val_accuracy, train_loss = 0, 0, 0.0, 0.0, math.nan
+    first_epoch, first_step, report, best_val_accuracy, val_accuracy, train_loss = 0, 0, 0, 0.0, 0.0, math.nan
     try:
         model.to(device).train()
         optimizer, schedule = sgd_with_schedule(model, hparams, hparams["epochs"] * steps_per_epoch)
         if resume is not None:
-            first_epoch, report, best_val_accuracy, val_accuracy, train_loss = restore(resume, model, optimizer,
-                                                                                      schedule)
+            first_epoch, first_step, report, best_val_accuracy, val_accuracy, train_loss = restore(
+                resume, model, optimizer, schedule)
+
+        def here(epochs_done, step, order=None):  # a checkpoint of this moment, for save()
+            return checkpoint(model, optimizer, schedule, hparams, order, epochs_done=epochs_done, step=step,
+                              report=report, best_val_accuracy=best_val_accuracy, val_accuracy=val_accuracy,
+                              train_loss=train_loss)
+
         loss_sum, loss_steps = torch.zeros((), device=device), 0  # summed on the device: no sync per step
         if cuda_graph and device.type == "cuda":
             captured = CapturedStep(lambda x, y: sgd_step(model, optimizer, x, y, loss_sum), optimizer)
         for epoch in range(first_epoch, hparams["epochs"]):
-            # One shuffled copy per epoch, so that every minibatch below is a contiguous slice.
-            order = torch.randperm(len(train_x), device=device)
+            # One shuffled copy per epoch, so that every minibatch below is a contiguous slice. A run
+            # resumed inside an epoch goes on in the order that epoch had.
+            order = resume["order"].to(device) if first_step else torch.randperm(len(train_x), device=device)
             epoch_x, epoch_y = train_x[order], train_y[order]
-            for step in range(steps_per_epoch):
+            for step in range(first_step, steps_per_epoch):
                 batch = slice(step * batch_size, (step + 1) * batch_size)
                 if captured is not None and step < len(train_x) // batch_size:  # whole batches: replayed
                     captured(epoch_x[batch], epoch_y[batch])
@@ -197,9 +214,13 @@ def train(model, data, hparams, trial=None, evals_per_epoch=EVALS_PER_EPOCH, ver
                 if trial is not None and trial.should_prune():
                     keep_on_trial(trial, train_loss, best_val_accuracy)
                     raise optuna.TrialPruned(f"val_accuracy {val_accuracy:.4f} at report {report}")
+                if stop is not None and stop():  # at a report, so nothing is summed half-way
+                    if save is not None:
+                        save(here(epoch, step + 1, order) if step + 1 < steps_per_epoch else here(epoch + 1, 0))
+                    raise Stopped(f"stopped after report {report - 1}")
+            first_step = 0
             if save is not None:  # the last step of an epoch is a report: nothing is summed half-way
-                save(checkpoint(model, optimizer, schedule, hparams, epoch + 1, report, best_val_accuracy,
-                                val_accuracy, train_loss))
+                save(here(epoch + 1, 0))
     except torch.OutOfMemoryError as error:  # optuna issues #1224, #4934: one trial too big for the GPU
         if trial is None:
             raise
@@ -247,20 +268,29 @@ def retrain_on_train_and_val(data, hparams, seed, cuda_graph=False):
     return model
 
 
-def checkpoint(model, optimizer, schedule, hparams, epochs_done, report, best_val_accuracy, val_accuracy,
-               train_loss):
-    """All that train() needs to go on after `epochs_done` epochs, as one dict for torch.save. It
-    loads with predict.py too: "state_dict" and "hparams" describe the model."""
+def checkpoint(model, optimizer, schedule, hparams, order=None, **counters):
+    """All that train() needs to go on, as one dict for torch.save. `counters`: epochs_done, step
+    (steps done in the next epoch, 0 at an epoch's end, else that epoch's shuffle is `order`),
+    report, best_val_accuracy, val_accuracy, train_loss. It loads with predict.py too: "state_dict"
+    and "hparams" describe the model."""
     device = next(model.parameters()).device
     random_state = {"cpu": torch.get_rng_state()}  # shuffles and dropout on the CPU
     if device.type == "cuda":  # shuffles and dropout on a GPU draw from that GPU's generator
         random_state["cuda"] = torch.cuda.get_rng_state(device)
     elif device.type == "mps":
         random_state["mps"] = torch.mps.get_rng_state()
-    return {"state_dict": model.state_dict(), "hparams": hparams, "optimizer": optimizer.state_dict(),
-            "schedule": schedule.state_dict(), "random_state": random_state, "epochs_done": epochs_done,
-            "report": report, "best_val_accuracy": best_val_accuracy, "val_accuracy": val_accuracy,
-            "train_loss": train_loss}
+    return {"format": CHECKPOINT_FORMAT, "state_dict": model.state_dict(), "hparams": hparams,
+            "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "random_state": random_state,
+            "order": order, **counters}
+
+
+def checkpoint_problem(saved):
+    """Why `saved` (whatever torch.load read) is not a checkpoint train() can go on from, or None."""
+    if not isinstance(saved, dict) or saved.get("format") != CHECKPOINT_FORMAT:
+        found = saved.get("format", "none") if isinstance(saved, dict) else type(saved).__name__
+        return f"format {found}, this version reads format {CHECKPOINT_FORMAT}"
+    missing = [key for key in CHECKPOINT_KEYS if key not in saved]
+    return f"missing {', '.join(missing)}" if missing else None
 
 
 def restore(saved, model, optimizer, schedule):
@@ -271,12 +301,23 @@ def restore(saved, model, optimizer, schedule):
     device = next(model.parameters()).device
     random_state = {name: state.cpu() for name, state in saved["random_state"].items()}  # as the setters want them
     torch.set_rng_state(random_state["cpu"])
-    if device.type == "cuda":
+    saved_on = next((name for name in random_state if name != "cpu"), "cpu")
+    if saved_on == device.type == "cuda":
         torch.cuda.set_rng_state(random_state["cuda"], device)
-    elif device.type == "mps":
+    elif saved_on == device.type == "mps":
         torch.mps.set_rng_state(random_state["mps"])
-    return (saved["epochs_done"], saved["report"], saved["best_val_accuracy"], saved["val_accuracy"],
-            saved["train_loss"])
+    elif saved_on != device.type:
+        # Another kind of device draws other random numbers: the run goes on, seeded from the saved
+        # CPU state (the same seed at every retry), but not bit for bit as it would have gone on there.
+        seed = int(torch.randint(2 ** 62, (), generator=torch.Generator().set_state(random_state["cpu"])))
+        if device.type == "cuda":
+            torch.cuda.default_generators[device.index or 0].manual_seed(seed)
+        elif device.type == "mps":
+            torch.mps.manual_seed(seed)
+        print(f"warning: the checkpoint was saved on {saved_on}, this run is on {device.type}: it goes on from "
+              "there, but is exact only on the same kind of device", file=sys.stderr)
+    return tuple(saved[key] for key in ("epochs_done", "step", "report", "best_val_accuracy", "val_accuracy",
+                                        "train_loss"))
 
 
 def keep_on_trial(trial, train_loss, best_val_accuracy):

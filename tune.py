@@ -26,7 +26,7 @@ import torch
 import checkpoints
 import parallel
 import report
-from train_loop import (EVALS_PER_EPOCH, Parser, SetupError, evaluate, load_mnist, pick_device,
+from train_loop import (EVALS_PER_EPOCH, Parser, SetupError, Stopped, evaluate, load_mnist, pick_device,
                         retrain_on_train_and_val, seeded_model, train, whole_number)
 
 # ---------------------------------------------------------------------------- settings
@@ -60,8 +60,12 @@ def objective(trial, data, epochs, seed, store, tensorboard=None, cuda_graph=Fal
     trial.set_user_attr("seed", seed)  # weights, shuffles and dropout: what the final retrain repeats
     keeper = checkpoints.Keeper(trial, store, data["train_x"].device)  # saves each epoch; a retry resumes
     with report.TrialCurves(tensorboard, trial) as log:  # TensorBoard curves, if asked for
-        return train(seeded_model(hparams, seed), data, hparams, trial,
-                     resume=keeper.resume(), save=keeper.save, log=log, cuda_graph=cuda_graph)
+        try:
+            return train(seeded_model(hparams, seed), data, hparams, trial, resume=keeper.resume(),
+                         save=keeper.save, log=log, stop=parallel.stop_requested, cuda_graph=cuda_graph)
+        except Stopped:  # SIGTERM or Ctrl-C: it saved its place; the next run goes on from there
+            parallel.queue_again(trial)
+            raise
 
 
 def make_sampler(name, seed):
@@ -158,7 +162,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # after_trial prints one line per trial instead
-    with parallel.handle_ctrl_c():
+    with parallel.handle_stops():
         parallel.start_workers(args.workers)  # with --workers N: they import torch while this loads MNIST
         try:
             pick_device(args.device)  # a wrong --device is told before MNIST loads
@@ -172,8 +176,8 @@ def main(argv=None):
                                      callbacks=[functools.partial(after_trial, store=store)], workers=args.workers,
                                      start_worker=functools.partial(setup, args, data, store))
         print(*report.summary(study), f"wrote {report.write_trials_csv(study, args.out)}", sep="\n")
-        if not finished:  # Ctrl-C: parallel.optimize said how to resume
-            sys.exit(130)
+        if not finished:  # Ctrl-C or SIGTERM: parallel.optimize said how to resume
+            sys.exit(128 + parallel.stop_signal)
         if not args.no_final and study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.COMPLETE]):
             final_test(study, args, data)
         report.save_plots(study, args.out)

@@ -35,34 +35,38 @@ def test_optimize_fills_the_budget_exactly_and_a_rerun_adds_nothing(tmp_path):
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 5
 
 
-def test_ctrl_c_stops_the_trial_at_its_next_report_fails_it_and_queues_it_again(tmp_path):
+class Stopped(BaseException):
+    """As train_loop.Stopped: not an Exception, so Optuna leaves the stopped trial as it is."""
+
+
+def test_ctrl_c_stops_the_trial_at_its_next_report_and_queues_it_as_it_is(tmp_path):
     study = sqlite_study(tmp_path)
 
-    def interrupted_at_step_2(trial):
+    def stopped_at_step_2(trial):  # the protocol tune.py's objective and train() follow
         x = trial.suggest_float("x", 0.0, 250.0)
         for step in range(5):
             if step == 2:
                 os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, mid-trial
             trial.report(x, step)
-            if trial.should_prune():
-                raise optuna.TrialPruned()
+            if parallel.stop_requested():
+                parallel.queue_again(trial)
+                raise Stopped()
         return x
 
     # Ctrl-C's default meaning, even when pytest runs with SIGINT ignored (a background job).
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        with parallel.handle_ctrl_c():
-            finished = parallel.optimize(study, interrupted_at_step_2, n_trials=3)
+        with parallel.handle_stops():
+            finished = parallel.optimize(study, stopped_at_step_2, n_trials=3)
     finally:
         signal.signal(signal.SIGINT, previous)
-    assert finished is False
-    failed, queued = study.trials
-    assert failed.state == TrialState.FAIL and sorted(failed.intermediate_values) == [0, 1, 2]
-    assert queued.state == TrialState.WAITING and optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(queued) == failed.number
-    # The resume runs the same configuration first, then new ones, to exactly the budget.
+    assert finished is False and parallel.stop_signal == signal.SIGINT
+    [queued] = study.trials  # not FAIL and a copy: the trial itself, back in the queue
+    assert queued.state == TrialState.WAITING and sorted(queued.intermediate_values) == [0, 1, 2]
+    # The resume runs the same trial first (no retry used), then new ones, to exactly the budget.
     assert parallel.optimize(study, reporting_objective, n_trials=3)
-    assert study.trials[1].params == failed.params
-    assert sum(t.state == TrialState.COMPLETE for t in study.trials) == 3
+    assert study.trials[0].params == queued.params and "retry_history" not in study.trials[0].system_attrs
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3
 
 
 def test_a_dead_trial_past_its_retries_is_replaced_so_the_study_still_ends_at_its_budget(tmp_path):

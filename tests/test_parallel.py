@@ -105,12 +105,12 @@ def test_kill_9_mid_trial_then_rerun_retries_that_trial_and_ends_at_the_budget(m
     assert len(others) == len(set(others))
 
 
-def assert_stopped_cleanly(code, stdout, stderr):
-    assert code == 130, stderr
+def assert_stopped_cleanly(code, stdout, stderr, exit_code=130):
+    assert code == exit_code, stderr
     assert "Traceback" not in stdout + stderr and "Error" not in stderr, stderr
 
 
-def test_ctrl_c_fails_the_running_trial_writes_files_exits_130_and_resumes(mnist_dir, tmp_path):
+def test_ctrl_c_queues_the_running_trial_as_it_is_writes_files_exits_130_and_resumes_at_once(mnist_dir, tmp_path):
     out = str(tmp_path / "run")
     storage = f"sqlite:///{out}/study.db"
     flags = ["--n-trials", "2", "--epochs", "60", "--pruner", "none"]
@@ -119,14 +119,14 @@ def test_ctrl_c_fails_the_running_trial_writes_files_exits_130_and_resumes(mnist
     os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends to the foreground group
     code, stdout, stderr = finish(process)
     assert_stopped_cleanly(code, stdout, stderr)
-    assert "interrupted" in stdout and "1 failed" in stdout
+    assert "run the same command to resume" in stdout and "0 failed, 0 running, 1 waiting" in stdout
     assert os.path.exists(os.path.join(out, "trials.csv"))
-    [failed] = load(storage).get_trials(states=[TrialState.FAIL])
     [queued] = load(storage).get_trials(states=[TrialState.WAITING])  # it runs again on resume
-    assert optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(queued) == failed.number
-    code, _, stderr = finish(start_tune(mnist_dir, out, *flags))
-    assert code == 0, stderr
-    assert load(storage).trials[queued.number].params == failed.params
+    code, stdout, stderr = finish(start_tune(mnist_dir, out, *flags))
+    assert code == 0 and "waiting for" not in stdout, stderr
+    resumed = load(storage).trials[queued.number]
+    assert resumed.state == TrialState.COMPLETE and resumed.params == queued.params
+    assert "resumed from trial" in resumed.user_attrs["resumed_from"]
 
 
 def test_ctrl_c_at_many_moments_never_prints_a_traceback_and_the_rerun_ends_at_the_budget(mnist_dir, tmp_path):
