@@ -121,3 +121,13 @@ def test_a_trial_that_runs_out_of_gpu_memory_is_pruned_and_the_study_goes_on(dat
     too_big, small = study.trials
     assert too_big.state == TrialState.PRUNED and "out of memory" in too_big.user_attrs["pruned_reason"]
     assert small.state == TrialState.COMPLETE and small.value > 0.5
+
+
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_a_checkpoint_saved_on_the_cpu_resumes_on_the_gpu(data, cuda_graph, capsys):
+    cpu_data = {name: tensor.cpu() for name, tensor in data.items()}
+    saved = []
+    train(seeded_model(HPARAMS, 0), cpu_data, HPARAMS, save=lambda state: saved.append(to_bytes(state)))
+    resume = torch.load(io.BytesIO(saved[0]), map_location=CUDA, weights_only=True)  # as checkpoints.Keeper loads it
+    assert train(seeded_model(HPARAMS, 0), data, HPARAMS, resume=resume, cuda_graph=cuda_graph) > 0.9
+    assert "saved on cpu, this run is on cuda" in capsys.readouterr().err
