@@ -138,7 +138,7 @@ class TrialCurves:
             return
         from torch.utils.tensorboard.summary import hparams
         state = ("COMPLETE" if error_type is None else "PRUNED" if issubclass(error_type, optuna.TrialPruned)
-                 else "FAIL")
+                 else "FAIL" if issubclass(error_type, Exception) else "STOPPED")  # stopped: queued again
         metrics = {"hparam/val_accuracy": self.val_accuracy}
         for summary in hparams({**self.trial.params, "state": state}, metrics):  # in this run's own file
             self.writer.file_writer.add_summary(summary)
