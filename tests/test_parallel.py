@@ -131,8 +131,13 @@ def test_ctrl_c_queues_the_running_trial_as_it_is_writes_files_exits_130_and_res
 
 def test_ctrl_c_at_many_moments_never_prints_a_traceback_and_the_rerun_ends_at_the_budget(mnist_dir, tmp_path):
     out = str(tmp_path / "run")
-    # Trials long enough (about 10 s each on 2 cores) that every Ctrl-C lands inside the first
-    # three, which each run goes on with from its last checkpoint.
+    # Three slow trials (batch 16; about 10 s each on 2 cores), so that every Ctrl-C lands before the
+    # study is done, although each run goes on from the step the one before stopped at.
+    os.makedirs(out)
+    study = optuna.create_study(storage=f"sqlite:///{out}/study.db", study_name="mnist-mlp", direction="maximize")
+    for _ in range(3):
+        study.enqueue_trial({"momentum": 0.9, "nesterov": True, "hidden_size": 256, "layer_size": 3, "dropout": 0.2,
+                             "batch_size": 16, "learning_rate": 0.01, "weight_decay": 1e-5})
     flags = ["--n-trials", "3", "--epochs", "150", "--pruner", "none", "--heartbeat", "1"]
     # From the first import to well inside a trial (start-up takes about 1.5 s on 2 cores).
     for delay in [0.2, 0.6, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.5]:
