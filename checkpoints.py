@@ -1,5 +1,7 @@
-"""Checkpoints inside a trial, kept in an Optuna artifact store: a killed or stopped trial goes on where it was.
+"""Checkpoints inside a trial: what one holds, and how they are kept in an Optuna artifact store, so
+that a killed or stopped trial goes on where it was.
 
+    saved = checkpoint(model, optimizer, schedule, hparams, ...)  # train() makes one; restore() loads it
     store = optuna.artifacts.FileSystemArtifactStore("runs/mnist-mlp/artifacts")
     keeper = checkpoints.Keeper(trial, store, device)           # in the objective
     train(model, data, hparams, trial, resume=keeper.resume(), save=keeper.save)
@@ -15,7 +17,7 @@ learning-rate schedule, the epoch's shuffle and random states, so it ends exactl
 uninterrupted trial would have (same machine). A checkpoint that cannot be read is a warning and
 a fresh start of its trial.
 
-Used by tune.py; imports nothing from it. `python checkpoints.py STORE_DIR` lists a store's files.
+Used by train_loop.py and tune.py; imports neither. `python checkpoints.py STORE_DIR` lists a store's files.
 """
 import argparse
 import contextlib
@@ -28,9 +30,65 @@ import torch
 from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.trial import TrialState
 
-from train_loop import checkpoint_problem
+# ---------------------------------------------------------------------------- what a checkpoint holds
+CHECKPOINT_FORMAT = 2  # checkpoints of another format (1: no "step" yet) start their trial afresh
+CHECKPOINT_KEYS = ("state_dict", "hparams", "optimizer", "schedule", "random_state", "order", "epochs_done", "step",
+                   "report", "best_val_accuracy", "val_accuracy", "train_loss")
 
 
+def checkpoint(model, optimizer, schedule, hparams, order=None, **counters):
+    """All that train() needs to go on, as one dict for torch.save. `counters`: epochs_done, step
+    (steps done in the next epoch, 0 at an epoch's end, else that epoch's shuffle is `order`),
+    report, best_val_accuracy, val_accuracy, train_loss. It loads with predict.py too: "state_dict"
+    and "hparams" describe the model."""
+    device = next(model.parameters()).device
+    random_state = {"cpu": torch.get_rng_state()}  # shuffles and dropout on the CPU
+    if device.type == "cuda":  # shuffles and dropout on a GPU draw from that GPU's generator
+        random_state["cuda"] = torch.cuda.get_rng_state(device)
+    elif device.type == "mps":
+        random_state["mps"] = torch.mps.get_rng_state()
+    return {"format": CHECKPOINT_FORMAT, "state_dict": model.state_dict(), "hparams": hparams,
+            "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "random_state": random_state,
+            "order": order, **counters}
+
+
+def checkpoint_problem(saved):
+    """Why `saved` (whatever torch.load read) is not a checkpoint train() can go on from, or None."""
+    if not isinstance(saved, dict) or saved.get("format") != CHECKPOINT_FORMAT:
+        found = saved.get("format", "none") if isinstance(saved, dict) else type(saved).__name__
+        return f"format {found}, this version reads format {CHECKPOINT_FORMAT}"
+    missing = [key for key in CHECKPOINT_KEYS if key not in saved]
+    return f"missing {', '.join(missing)}" if missing else None
+
+
+def restore(saved, model, optimizer, schedule):
+    """Load a `checkpoint` into the model, optimizer, schedule and random generators; return the counters."""
+    model.load_state_dict(saved["state_dict"])
+    optimizer.load_state_dict(saved["optimizer"])
+    schedule.load_state_dict(saved["schedule"])
+    device = next(model.parameters()).device
+    random_state = {name: state.cpu() for name, state in saved["random_state"].items()}  # as the setters want them
+    torch.set_rng_state(random_state["cpu"])
+    saved_on = next((name for name in random_state if name != "cpu"), "cpu")
+    if saved_on == device.type == "cuda":
+        torch.cuda.set_rng_state(random_state["cuda"], device)
+    elif saved_on == device.type == "mps":
+        torch.mps.set_rng_state(random_state["mps"])
+    elif saved_on != device.type:
+        # Another kind of device draws other random numbers: the run goes on, seeded from the saved
+        # CPU state (the same seed at every retry), but not bit for bit as it would have gone on there.
+        seed = int(torch.randint(2 ** 62, (), generator=torch.Generator().set_state(random_state["cpu"])))
+        if device.type == "cuda":
+            torch.cuda.default_generators[device.index or 0].manual_seed(seed)
+        elif device.type == "mps":
+            torch.mps.manual_seed(seed)
+        print(f"warning: the checkpoint was saved on {saved_on}, this run is on {device.type}: it goes on from "
+              "there, but is exact only on the same kind of device", file=sys.stderr)
+    return tuple(saved[key] for key in ("epochs_done", "step", "report", "best_val_accuracy", "val_accuracy",
+                                        "train_loss"))
+
+
+# ---------------------------------------------------------------------------- where it is kept
 class Keeper:
     """One trial's checkpoints: the one it inherits (if it retries a killed trial), then its own."""
 

@@ -25,6 +25,7 @@ import optuna
 import torch
 import torch.nn.functional as F
 
+from checkpoints import checkpoint, restore
 from cuda_graph import CapturedStep
 from mlp import MLP
 
@@ -39,9 +40,6 @@ VAL_FRACTION = 1 / 6  # 10,000 of MNIST's 60,000 training images; the same fract
 SPLIT_SEED = 0        # fixed, so every trial and every study is scored on the very same images
 EVALS_PER_EPOCH = 4   # validation passes (= trial.report calls) per epoch: more, and pruning acts sooner
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081  # pixel statistics of MNIST's training set, the usual normalisation
-CHECKPOINT_FORMAT = 2  # checkpoints of another format (1: no "step" yet) start their trial afresh
-CHECKPOINT_KEYS = ("state_dict", "hparams", "optimizer", "schedule", "random_state", "order", "epochs_done", "step",
-                   "report", "best_val_accuracy", "val_accuracy", "train_loss")
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 # ------------------------------------------------------------------------------------
@@ -149,7 +147,7 @@ def train(model, data, hparams, trial=None, evals_per_epoch=EVALS_PER_EPOCH, ver
     (cuda_graph.py): meant to give the same results several times faster for small models; opt-in
     until benchmarks/gpu_check.sh has measured it on a GPU. CPU and MPS always run eagerly.
     Optional: `save(checkpoint)` is called at the end of every epoch with everything needed to go
-    on (see `checkpoint`); `resume=checkpoint` goes on from there exactly, random states included,
+    on (see checkpoints.checkpoint); `resume=checkpoint` goes on from there exactly, random states too,
     so a resumed run ends with the very weights of an uninterrupted one (on the same machine).
     `log(report, train_loss, val_accuracy, learning_rate)` is called at every validation.
     `stop()` is asked after every report: when it says True (SIGTERM, Ctrl-C), the run saves its
@@ -266,58 +264,6 @@ def retrain_on_train_and_val(data, hparams, seed, cuda_graph=False):
     model = seeded_model(hparams, seed)
     train(model, train_and_val, hparams, evals_per_epoch=1, cuda_graph=cuda_graph)  # its validation reads: seen data
     return model
-
-
-def checkpoint(model, optimizer, schedule, hparams, order=None, **counters):
-    """All that train() needs to go on, as one dict for torch.save. `counters`: epochs_done, step
-    (steps done in the next epoch, 0 at an epoch's end, else that epoch's shuffle is `order`),
-    report, best_val_accuracy, val_accuracy, train_loss. It loads with predict.py too: "state_dict"
-    and "hparams" describe the model."""
-    device = next(model.parameters()).device
-    random_state = {"cpu": torch.get_rng_state()}  # shuffles and dropout on the CPU
-    if device.type == "cuda":  # shuffles and dropout on a GPU draw from that GPU's generator
-        random_state["cuda"] = torch.cuda.get_rng_state(device)
-    elif device.type == "mps":
-        random_state["mps"] = torch.mps.get_rng_state()
-    return {"format": CHECKPOINT_FORMAT, "state_dict": model.state_dict(), "hparams": hparams,
-            "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "random_state": random_state,
-            "order": order, **counters}
-
-
-def checkpoint_problem(saved):
-    """Why `saved` (whatever torch.load read) is not a checkpoint train() can go on from, or None."""
-    if not isinstance(saved, dict) or saved.get("format") != CHECKPOINT_FORMAT:
-        found = saved.get("format", "none") if isinstance(saved, dict) else type(saved).__name__
-        return f"format {found}, this version reads format {CHECKPOINT_FORMAT}"
-    missing = [key for key in CHECKPOINT_KEYS if key not in saved]
-    return f"missing {', '.join(missing)}" if missing else None
-
-
-def restore(saved, model, optimizer, schedule):
-    """Load a `checkpoint` into the model, optimizer, schedule and random generators; return the counters."""
-    model.load_state_dict(saved["state_dict"])
-    optimizer.load_state_dict(saved["optimizer"])
-    schedule.load_state_dict(saved["schedule"])
-    device = next(model.parameters()).device
-    random_state = {name: state.cpu() for name, state in saved["random_state"].items()}  # as the setters want them
-    torch.set_rng_state(random_state["cpu"])
-    saved_on = next((name for name in random_state if name != "cpu"), "cpu")
-    if saved_on == device.type == "cuda":
-        torch.cuda.set_rng_state(random_state["cuda"], device)
-    elif saved_on == device.type == "mps":
-        torch.mps.set_rng_state(random_state["mps"])
-    elif saved_on != device.type:
-        # Another kind of device draws other random numbers: the run goes on, seeded from the saved
-        # CPU state (the same seed at every retry), but not bit for bit as it would have gone on there.
-        seed = int(torch.randint(2 ** 62, (), generator=torch.Generator().set_state(random_state["cpu"])))
-        if device.type == "cuda":
-            torch.cuda.default_generators[device.index or 0].manual_seed(seed)
-        elif device.type == "mps":
-            torch.mps.manual_seed(seed)
-        print(f"warning: the checkpoint was saved on {saved_on}, this run is on {device.type}: it goes on from "
-              "there, but is exact only on the same kind of device", file=sys.stderr)
-    return tuple(saved[key] for key in ("epochs_done", "step", "report", "best_val_accuracy", "val_accuracy",
-                                        "train_loss"))
 
 
 def keep_on_trial(trial, train_loss, best_val_accuracy):
