@@ -107,6 +107,12 @@ def mnist_like(ink):
     return frame
 
 
+def prepare(path):
+    """An image file -> (its grayscale, as read) and the 28x28 frame of ink the model is given."""
+    gray = read_grayscale(path)
+    return gray, mnist_like(ink_of(gray))
+
+
 def to_input(frame):
     """A 28x28 frame of ink (0-1) -> the 784 normalised numbers the model was trained on."""
     return ((torch.from_numpy(frame) - MNIST_MEAN) / MNIST_STD).flatten()
@@ -181,8 +187,7 @@ def main(argv=None):
     failed = 0
     for path in image_paths(args.images):
         try:
-            gray = read_grayscale(path)
-            frame = mnist_like(ink_of(gray))
+            gray, frame = prepare(path)
         except Unreadable as error:  # this file only: the others are still classified
             print(f"predict.py: error: {path}: {error}", file=sys.stderr)
             failed += 1

@@ -70,14 +70,14 @@ def main():
         for i, digit in enumerate(digits):
             path = os.path.join(folder, f"page{i:04d}.{'jpg' if i % 2 else 'png'}")
             draw_page(digit, rng, chalk=i % 5 == 4).save(path)
-            inputs.append(predict.to_input(predict.mnist_like(predict.ink_of(predict.read_grayscale(path)))))
+            inputs.append(predict.to_input(predict.prepare(path)[1]))
         on_pages = accuracy(model, torch.stack(inputs), labels)
         photo = os.path.join(folder, "photo.jpg")
         draw_page(digits[0], rng, size=(4000, 3000)).save(photo, quality=90)
         seconds = []
         for _ in range(5):
             start = time.perf_counter()
-            predict.mnist_like(predict.ink_of(predict.read_grayscale(photo)))
+            predict.prepare(photo)
             seconds.append(time.perf_counter() - start)
     centred = accuracy(model, data["test_x"][:args.n], labels)
     print(f"{args.n} real digits (DIR's test images), torch {torch.__version__}, {torch.get_num_threads()} threads")

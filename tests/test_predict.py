@@ -49,10 +49,6 @@ def glyphs(tmp_path_factory):
     return frames[1000:], labels[1000:], str(root / "best_model.pt")
 
 
-def prepared(path):
-    return predict.mnist_like(predict.ink_of(predict.read_grayscale(path)))
-
-
 def assert_like_mnist(frame, reference):
     """Light ink on black, inside a 20x20 box, centre of mass at (14, 14), and the same digit."""
     rows, cols = np.nonzero(frame > 0.02)
@@ -98,7 +94,7 @@ def test_a_digit_on_a_page_is_prepared_as_mnist_prepares_its_digits(glyphs, tmp_
         page_of(frame, case, rng).save(path)
         if case == "16-bit scan":
             assert Image.open(path).mode.startswith("I")
-        assert_like_mnist(prepared(path), frame)
+        assert_like_mnist(predict.prepare(path)[1], frame)
 
 
 def test_the_model_reads_drawn_pages_about_as_well_as_the_same_digits_centred(glyphs, tmp_path):
@@ -150,7 +146,7 @@ def test_a_huge_photo_is_prepared_without_gigabytes(glyphs, tmp_path):
     page = draw_page(frames[0], np.random.default_rng(1)).resize((6000, 4000), Image.Resampling.BILINEAR)
     page.save(tmp_path / "huge.png")
     script = ("import resource, predict; before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
-              f"frame = predict.mnist_like(predict.ink_of(predict.read_grayscale({str(tmp_path / 'huge.png')!r}))); "
+              f"_, frame = predict.prepare({str(tmp_path / 'huge.png')!r}); "
               "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024, frame.shape)")
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
