@@ -1,23 +1,22 @@
-"""The machinery beside tune.py: crash-safe storage, an exact budget, worker processes, stops.
+"""The machinery beside tune.py: crash-safe storage, an exact budget, stops, worker processes.
 
-tune.py holds the Optuna idea (search space, objective, study). This file keeps a study whole
-when a process dies, when several processes or machines share it, and when it is asked to stop
-(Ctrl-C, or SIGTERM from a cluster's scheduler):
+tune.py holds the Optuna idea (search space, objective, study.optimize). This file keeps a study
+whole when a process dies, when several processes or machines share it, and when it is asked to
+stop (Ctrl-C, or SIGTERM from a cluster's scheduler):
 
     storage = parallel.connect("sqlite:///runs/x/study.db", heartbeat=10)   # for optuna.create_study
-    parallel.check_resume(study, settings)       # a resumed study must be run as it was run before
-    with parallel.handle_stops():
-        parallel.start_workers(2)                # optional, early: they import while this process loads data
-        finished = parallel.optimize(study, objective, n_trials=30, workers=2, start_worker=setup)
-
-It imports nothing from tune.py: tune.py hands it a study, an objective, and `start_worker(i)`,
-which sets up worker process i and returns that process's (study, objective). The objective
-passes `stop_requested` to training, and puts a trial that stopped back in the queue (`queue_again`).
+    parallel.check_resume(study, settings)      # a resumed study must be run as it was run before
+    with parallel.Stops() as stops:             # Ctrl-C and SIGTERM: stops.requested, stops.queue_again(trial)
+        workers = parallel.Workers(1)           # early: it imports torch while this process loads data
+        workers.start(run_trials, args)         # it calls run_trials(args, worker=1, stops=its own Stops)
+        budget = parallel.Budget(30, stops)     # trials_left(study); a study.optimize callback
+        study.optimize(objective, callbacks=[budget], catch=[parallel.PastBudget])
 
 Terms: a *heartbeat* is a timestamp a running trial writes every few seconds; a trial silent for
 GRACE of them belongs to a dead process, so it is marked FAIL and queued again (a WAITING trial
-with the same parameters and user attributes, among them its last checkpoint: see checkpoints.py).
-The *budget* counts finished (COMPLETE or PRUNED), RUNNING and WAITING trials.
+with the same parameters, reports and user attributes, among them its last checkpoint: see
+checkpoints.py). The *budget* counts finished (COMPLETE or PRUNED), RUNNING and WAITING trials.
+Imports neither tune.py nor torch.
 """
 import contextlib
 import multiprocessing
@@ -25,7 +24,6 @@ import os
 import re
 import signal
 import socket
-import sys
 import threading
 import time
 import warnings
@@ -37,6 +35,9 @@ from optuna.trial import TrialState
 # Heartbeats, their retry callback and fail_stale_trials have been marked experimental since
 # Optuna 2.8/2.9; the warning says nothing new on every run.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+# A retry goes on from its last checkpoint and reports again the steps its dead attempt reported
+# after it: the same values (the resume is exact), which Optuna, having them, ignores and warns of.
+warnings.filterwarnings("ignore", message="The reported value is ignored because this `step=")
 
 # ---------------------------------------------------------------------------- settings
 HEARTBEAT = 10        # seconds between a running trial's heartbeats (tune.py --heartbeat)
@@ -48,10 +49,6 @@ SQLITE_WAIT = 60      # seconds a SQLite write waits for another process's lock
 
 class StorageError(Exception):
     """A storage URL that cannot be opened; the message says why and what to pass instead."""
-
-
-class BudgetTaken(Exception):
-    """Another worker took the study's last trial a moment before this one."""
 
 
 class StudyMismatch(Exception):
@@ -67,7 +64,7 @@ def connect(url, heartbeat):
                 url, engine_kwargs={"connect_args": {"timeout": SQLITE_WAIT}} if url.startswith("sqlite")
                 else {"pool_pre_ping": True},
                 heartbeat_interval=heartbeat, grace_period=GRACE * heartbeat,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY))
+                heartbeat_stale_trial_callback=retry_stale_trial)
             if storage.engine.dialect.name == "sqlite":
                 lock_sqlite_writes_up_front(storage.engine)
             return storage
@@ -82,6 +79,39 @@ def connect(url, heartbeat):
         except Exception as error:
             raise StorageError(f"--storage {safe_url}: {str(error).splitlines()[0]}; expected sqlite:///path/study.db "
                                "or postgresql://user:password@host/database") from None
+
+
+def retry_stale_trial(study, trial):
+    """Called for a dead process's trial, just failed: Optuna's RetryHeartbeatStaleTrialCallback
+    queues it again, with its reports (the retry's curve runs from step 0) and its user attributes,
+    to which `retry_of` is added: the number of the trial that first ran this configuration."""
+    trial.user_attrs["retry_of"] = trial.user_attrs.get("retry_of", trial.number)  # a copy: only the retry has it
+    optuna.storages.RetryHeartbeatStaleTrialCallback(MAX_RETRY, inherit_intermediate_values=True)(study, trial)
+
+
+class CountingRetriesOnce(optuna.pruners.BasePruner):
+    """`pruner`, shown the study without its FAIL trials. A retry carries the failed attempt's records
+    of the rungs it passed (successive halving's `completed_rung_*`), which the FAIL attempt keeps too:
+    seen together, one configuration would be two competitors at every rung it had passed."""
+
+    def __init__(self, pruner):
+        self.pruner = pruner
+
+    def prune(self, study, trial):
+        return self.pruner.prune(WithoutFailedTrials(study), trial)
+
+
+class WithoutFailedTrials:
+    """A study, but for its FAIL trials."""
+
+    def __init__(self, study):
+        self.study = study
+
+    def __getattr__(self, name):
+        return getattr(self.study, name)
+
+    def get_trials(self, deepcopy=True, states=None):
+        return [t for t in self.study.get_trials(deepcopy=deepcopy, states=states) if t.state != TrialState.FAIL]
 
 
 def check_resume(study, settings):
@@ -119,186 +149,185 @@ def lock_sqlite_writes_up_front(engine):
     engine.dispose()  # connections made before the listeners: closed, so every new one has them
 
 
+# ------------------------------------------------------------------ the budget: --n-trials in all
+class PastBudget(Exception):
+    """Another worker took the study's last trial a moment before this one: it is not trained."""
+
+
+def claim(trial, n_trials):
+    """Mark the trial with this process's name, or raise PastBudget (the trial then FAILs, untrained,
+    with the reason) when the trials before it already fill the budget. Trial numbers are handed out
+    atomically by the storage, so the answer is the same on every worker: the budget is exact. Below
+    number n_trials a trial cannot be past it, and the storage is not asked (a read per trial)."""
+    trials = trial.study.get_trials(deepcopy=False) if trial.number >= n_trials else []
+    if sum(t.number < trial.number and t.state != TrialState.FAIL for t in trials) >= n_trials:
+        trial.set_user_attr("fail_reason", "not trained: another worker took the last trial of the budget")
+        raise PastBudget()
+    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+
+
+class Budget:
+    """The study's total trials, across runs, workers and machines (Optuna's own n_trials means "this
+    many more"). `trials_left(study)`: whether this process has trials to run, having waited for
+    those running elsewhere; as a study.optimize callback, it stops the study when none are left.
+
+    Optuna's MaxTrialsCallback stops at a count, at once. This one also waits while other
+    processes' trials run: should one's process die, its heartbeat stops, its trial is failed and
+    queued again, and this process runs the retry, so a study ends whole."""
+
+    def __init__(self, n_trials, stops):
+        self.n_trials, self.stops = n_trials, stops
+
+    def __call__(self, study, trial):
+        if not self.trials_left(study):
+            study.stop()
+
+    def trials_left(self, study):
+        said_waiting = False
+        while not self.stops.requested:
+            trials = [t for t in study.get_trials(deepcopy=False) if t.state != TrialState.FAIL]
+            if len(trials) < self.n_trials or any(t.state == TrialState.WAITING for t in trials):
+                return True
+            running = sum(t.state == TrialState.RUNNING for t in trials)
+            if not running:
+                return False
+            optuna.storages.fail_stale_trials(study)  # one silent too long (a dead process's): failed, queued again
+            if not said_waiting:
+                print(f"waiting for {running} running trial(s) of other workers; a dead worker's trial is "
+                      f"failed and retried after {GRACE} missed heartbeats", flush=True)
+                said_waiting = True
+            time.sleep(1)
+        return False
+
+
 # ------------------------------------------------------------------ stops: Ctrl-C and SIGTERM
-stop_signal = None      # the first Ctrl-C (SIGINT) or SIGTERM while trials run: stop at the next report
-trials_running = False  # between these moments a signal asks; at any other moment it stops at once
-worker_processes = []   # (process, pipe for its orders): this process's workers, told to stop by SIGTERM
+class Stopped(BaseException):
+    """Leaves study.optimize once a stopped trial is queued again. Not an Exception: Optuna marks a
+    trial FAIL when its objective raises an Exception or a KeyboardInterrupt, and lets anything else
+    through with the trial as it is."""
 
 
-def on_stop(signum, frame):
-    """The first Ctrl-C or SIGTERM while trials run asks them to stop at a safe point; any other, now.
+class Stops:
+    """Ctrl-C (SIGINT) and SIGTERM for this process, inside `with Stops() as stops:`.
 
     SIGTERM is how Slurm, Kubernetes, spot machines and `kill PID` ask a job to end, with SIGKILL
-    some 30 s later: the running trial stops at its next report (seconds), saves its place and is
-    queued again; the exit code is 128 + the signal (130 for Ctrl-C, 143 for SIGTERM). A handler
-    that raised an exception (Python's KeyboardInterrupt) could land inside a database write and
-    leave a trial half-told; this one only sets a flag, read right after each report (see
-    `optimize_one`). It writes with os.write: print() here could re-enter a print() it interrupted."""
-    global stop_signal
-    name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-    if trials_running and stop_signal is None:
-        stop_signal = signum
-        os.write(2, f"\n{name}: the running trial stops at its next report and is queued again "
-                    f"({name} again to stop at once)\n".encode())
-        signal_workers(signal.SIGTERM)
-        return
-    os.write(2, b"\nstopped at once: a trial left running is retried once its heartbeat is stale\n"
-             if stop_signal else f"\n{name}: stopped\n".encode())
-    signal_workers(signal.SIGKILL)
-    os._exit(128 + signum)
+    some 30 s later. Inside `with stops.trials_running():` the first signal is a request
+    (`stops.requested`): the running trial stops at its next validation, saves its place and is put
+    back in the queue as it is (`raise stops.queue_again(trial)`); workers get SIGTERM too. Any other
+    signal, and any at all outside that block, ends the process at once, its workers with it. The
+    exit code is 128 + the signal (130 for Ctrl-C, 143 for SIGTERM). A handler that raised (Python's
+    KeyboardInterrupt) could land inside a database write and leave a trial half-told; this one only
+    sets `signal`, read at each validation. It writes with os.write: print() here could re-enter
+    a print() it interrupted."""
+
+    def __init__(self):
+        self.signal, self.running, self.previous = None, False, {}
+
+    def __enter__(self):
+        # SIGINT too, unless it is ignored (nohup, a background job, a worker process)
+        signals = [signal.SIGTERM] + [signal.SIGINT] * (signal.getsignal(signal.SIGINT) is not signal.SIG_IGN)
+        self.previous = {signum: signal.signal(signum, self.on_signal) for signum in signals}
+        return self
+
+    def __exit__(self, *error):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    @property
+    def requested(self):
+        return self.signal is not None
+
+    @contextlib.contextmanager
+    def trials_running(self):
+        self.running = True
+        try:
+            yield
+        finally:
+            self.running = False
+
+    def on_signal(self, signum, frame):
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        if self.running and self.signal is None:
+            self.signal = signum
+            os.write(2, f"\n{name}: the running trial stops at its next validation and is queued again "
+                        f"({name} again to stop at once)\n".encode())
+            signal_workers(signal.SIGTERM)
+            return
+        os.write(2, b"\nstopped at once: a trial left running is retried once its heartbeat is stale\n"
+                 if self.signal else f"\n{name}: stopped\n".encode())
+        signal_workers(signal.SIGKILL)
+        os._exit(128 + signum)
+
+    def queue_again(self, trial):
+        """Put a running trial back in the queue as it is (WAITING): number, parameters, reports, the
+        pruner's bookkeeping and its checkpoint. The next run, or another worker, picks it up at once
+        and goes on where it stopped: a stop is not a crash, and uses none of the trial's MAX_RETRY.
+        Returns the Stopped to raise."""
+        storage = trial.storage
+        study_id = storage.get_study_id_from_name(trial.study.study_name)
+        storage.set_trial_state_values(storage.get_trial_id_from_study_id_trial_number(study_id, trial.number),
+                                       state=TrialState.WAITING)
+        return Stopped(f"trial {trial.number} queued again")
 
 
 def signal_workers(signum):
-    for worker, _ in worker_processes:
-        if worker.exitcode is None:  # still running: an ended worker's pid may belong to another process
-            with contextlib.suppress(ProcessLookupError):  # it ended a moment ago
-                os.kill(worker.pid, signum)
+    for worker in multiprocessing.active_children():  # this process's workers that are still running
+        with contextlib.suppress(ProcessLookupError):  # it ended a moment ago
+            os.kill(worker.pid, signum)
 
 
-@contextlib.contextmanager
-def handle_stops():
-    """SIGTERM, and Ctrl-C unless it is ignored (nohup, a background job), go to on_stop inside this block."""
-    signals = [signal.SIGTERM] + [signal.SIGINT] * (signal.getsignal(signal.SIGINT) is not signal.SIG_IGN)
-    previous = {signum: signal.signal(signum, on_stop) for signum in signals}
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+# ------------------------------------------------------------------ worker processes
+class Workers:
+    """`count` worker processes, started now (spawned: no CUDA or lock state copied) so that they
+    import torch while this process loads the data and opens the study; each waits for `start`."""
+
+    def __init__(self, count):
+        spawn = multiprocessing.get_context("spawn")
+        self.processes, self.pipes = [], []
+        # The terminal sends Ctrl-C to every process of the job. Workers inherit an ignored SIGINT from
+        # these lines, so none dies mid-start-up, and stop when this process tells them (SIGTERM).
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            for worker in range(1, count + 1):
+                pipe, worker_end = spawn.Pipe()
+                # daemon: should this process end before `start` (a bad flag), its workers end too
+                process = spawn.Process(target=worker_main, args=(worker, worker_end), daemon=True)
+                process.start()
+                worker_end.close()
+                self.processes.append(process)
+                self.pipes.append(pipe)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def start(self, target, *args):
+        """Each worker i calls target(*args, worker=i, stops=its own Stops) with its own connections and
+        data: what goes through the pipe is plain values, nothing shared that a death could break."""
+        for pipe in self.pipes:
+            with contextlib.suppress(OSError):  # it died already: join() tells
+                pipe.send((target, args))
+
+    def join(self):
+        """Wait for every worker to end; return the exit codes of those that failed."""
+        for process in self.processes:
+            process.join()
+        return [process.exitcode for process in self.processes if process.exitcode]
 
 
-def stop_requested():
-    return stop_signal is not None
-
-
-def queue_again(trial):
-    """Put a running trial back in the queue as it is (WAITING): number, parameters, reports, the
-    pruner's bookkeeping and its checkpoint. The next run, or another worker, picks it up at once and
-    goes on where it stopped: a stop is not a crash, and uses none of the trial's MAX_RETRY."""
-    storage = trial.storage
-    study_id = storage.get_study_id_from_name(trial.study.study_name)
-    storage.set_trial_state_values(storage.get_trial_id_from_study_id_trial_number(study_id, trial.number),
-                                   state=TrialState.WAITING)
-
-
-# ------------------------------------------------------------------ running trials
-def optimize_one(study, objective, n_trials, callbacks):
-    """One trial with the exact budget. A trial that stops (see `on_stop`) leaves by an exception
-    that is not an Exception (tune.py's objective queues it again first), which Optuna lets through
-    without marking the trial FAIL."""
-    def guarded(trial):
-        # Trial numbers are handed out atomically by the storage, so "is this trial past the budget,
-        # counting the unfailed trials before it?" has one answer on every worker: the budget is exact.
-        # Below trial number n_trials it cannot be, and the storage is not asked (a read per trial).
-        trials = trial.study.get_trials(deepcopy=False) if trial.number >= n_trials else []
-        if sum(t.number < trial.number and t.state != TrialState.FAIL for t in trials) >= n_trials:
-            trial.set_user_attr("fail_reason", "not trained: another worker took the last trial of the budget")
-            raise BudgetTaken()
-        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-        return objective(trial)
-
-    try:  # Optuna marks the trial FAIL when the objective raises an Exception, then raises it again here
-        study.optimize(guarded, n_trials=1, catch=(BudgetTaken,), callbacks=callbacks)
-    except BaseException as error:  # train_loop.Stopped: the trial stopped at a report, and is queued again
-        if isinstance(error, Exception) or not stop_requested():
-            raise
-
-
-def unfailed_trials(study):
-    """The trials the budget counts: COMPLETE, PRUNED, RUNNING and WAITING."""
-    return [t for t in study.get_trials(deepcopy=False) if t.state != TrialState.FAIL]
-
-
-def run_trials(study, objective, n_trials, timeout=None, callbacks=()):
-    """Trials until the study holds n_trials, then wait for those still running elsewhere: if one's
-    process dies, its heartbeat stops, and this process runs the retry. False if Ctrl-C stopped it."""
-    deadline = time.monotonic() + (timeout or float("inf"))
-    said_waiting = False
-    while time.monotonic() < deadline and not stop_requested():
-        trials = unfailed_trials(study)
-        if len(trials) < n_trials or any(t.state == TrialState.WAITING for t in trials):
-            optimize_one(study, objective, n_trials, callbacks)  # Optuna fails stale trials before each
-            continue
-        running = sum(t.state == TrialState.RUNNING for t in trials)
-        if not running:
-            return True
-        optuna.storages.fail_stale_trials(study)  # one silent too long (a dead process's) is failed, queued again
-        if sum(t.state == TrialState.RUNNING for t in unfailed_trials(study)) < running:
-            continue  # it was, or another ended: run its retry or a new trial (or finish) at once
-        if not said_waiting:
-            print(f"waiting for {running} running trial(s) of other workers; a dead worker's trial is "
-                  f"failed and retried after {GRACE} missed heartbeats", flush=True)
-            said_waiting = True
-        time.sleep(1)
-    return not stop_requested()
-
-
-def optimize(study, objective, n_trials, timeout=None, callbacks=(), workers=1, start_worker=None):
-    """Run the study to n_trials in this process and workers - 1 more; False if a stop ended it first.
-
-    Each extra worker is a fresh process (spawn: no CUDA or lock state copied) that calls
-    start_worker(i) for its own study connection and data, then runs trials like this one."""
-    global trials_running, stop_signal
-    stop_signal = None
-    trials = unfailed_trials(study)
-    if len(trials) >= n_trials and not any(t.state == TrialState.WAITING for t in trials):
-        print(f"study {study.study_name!r} already holds its {n_trials} trials: nothing to train (raise --n-trials)")
-    start_workers(workers)  # those not started yet
-    for _, orders in worker_processes:
-        orders.send((start_worker, n_trials, timeout, callbacks))  # tensors go by shared memory, not copied
-    trials_running = True
-    try:
-        run_trials(study, objective, n_trials, timeout, callbacks)
-        for worker, _ in worker_processes:
-            worker.join()
-    finally:
-        trials_running = False
-    crashed = [worker.exitcode for worker, _ in worker_processes if worker.exitcode]
-    worker_processes.clear()
-    if crashed and not stop_requested():  # its trial was failed and retried here (heartbeat), or will be
-        print(f"warning: worker exit codes {crashed}: see the errors above", file=sys.stderr)
-    if stop_requested():
-        print("stopped: the running trial is queued again with its place saved; run the same command to resume")
-    return not stop_requested()
-
-
-def start_workers(count):
-    """Start worker processes 1 to count - 1 now, so that they import torch while this process loads
-    the data and opens the study; each waits for its orders from `optimize`. Calling it is optional."""
-    spawn = multiprocessing.get_context("spawn")
-    # The terminal sends Ctrl-C to every process of the job. Workers inherit an ignored SIGINT from
-    # these lines, so none dies mid-start-up, and stop when this process tells them (SIGTERM).
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        while len(worker_processes) < count - 1:
-            orders, worker_end = spawn.Pipe()
-            # daemon: should this process end before sending orders (a bad flag), its workers end too
-            process = spawn.Process(target=worker_main, args=(len(worker_processes) + 1, worker_end), daemon=True)
-            process.start()
-            worker_end.close()
-            worker_processes.append((process, orders))
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-def worker_main(worker, orders):
-    global trials_running
+def worker_main(worker, pipe):
     parent = os.getppid()
     try:
-        start_worker, n_trials, timeout, callbacks = orders.recv()
-    except EOFError:  # the parent ended before its study began
+        target, args = pipe.recv()
+    except (EOFError, OSError):  # the parent ended (a bad flag, a signal, kill -9) before giving orders
         return
-    signal.signal(signal.SIGTERM, on_stop)  # the parent's "stop at a safe point", then "now"
     threading.Thread(target=stop_when_orphaned, args=(parent,), daemon=True).start()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    study, objective = start_worker(worker)
-    trials_running = True
-    run_trials(study, objective, n_trials, timeout, callbacks)
+    with Stops() as stops, stops.trials_running():  # SIGTERM only: Ctrl-C reaches workers through their parent
+        target(*args, worker=worker, stops=stops)
 
 
 def stop_when_orphaned(parent):
     """A worker whose parent is gone, even by kill -9 (which no handler sees), stops as on SIGTERM:
-    its trial at its next report, queued again. Checked every second (os.getppid() changes at once)."""
+    its trial at its next validation, queued again. Checked every second (os.getppid() changes at once)."""
     while os.getppid() == parent:
         time.sleep(1)
     os.kill(os.getpid(), signal.SIGTERM)

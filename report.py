@@ -72,9 +72,8 @@ def holds(json_path, fields):
     return all(saved.get(name) == value for name, value in fields.items())
 
 
-def write_trials_csv(study, out):
-    """One row per trial: number, state, value, params_*, user_attrs_* (best/last val accuracy, seed...)."""
-    df = study.trials_dataframe()
+def write_trials_csv(df, out):
+    """trials.csv from study.trials_dataframe(): a row per trial (number, state, value, params_*, user_attrs_*)."""
     if "duration" in df:
         # Seconds read better than "0 days 00:00:03"; a WAITING trial has none.
         df["duration"] = df["duration"].map(lambda duration: duration.total_seconds(), na_action="ignore")
@@ -113,37 +112,55 @@ def summary(study):
 
 
 class TrialCurves:
-    """One TensorBoard run per trial (tune.py --tensorboard DIR): training loss, validation accuracy and
-    learning rate at every report; at the end the trial's hyperparameters, state and final value, for
-    TensorBoard's HParams view. `with TrialCurves(folder, trial) as log: train(..., log=log)`; with
-    folder None it writes nothing and `log` is None."""
+    """TensorBoard runs, one per trial (tune.py --tensorboard DIR): training loss, validation accuracy
+    and learning rate at every step; when the trial ends, its hyperparameters, final state and value for
+    TensorBoard's HParams view. A trial stopped and resumed later goes on in its run; so does the retry
+    of a killed trial (its run is named by the trial it retries). With folder None it writes nothing."""
 
-    def __init__(self, folder, trial):
-        self.trial, self.val_accuracy, self.writer = trial, float("nan"), None
-        if folder is not None:
+    def __init__(self, folder):
+        self.folder, self.writers = folder, {}
+
+    def writer(self, trial, step=None):
+        """The trial's writer, opened at its first step in this process. From there on the run's
+        older events are hidden (TensorBoard's purge_step): a resumed run's steps appear once."""
+        number = trial.user_attrs.get("retry_of", trial.number)  # a retry goes on in its first attempt's run
+        if number not in self.writers:
             from torch.utils.tensorboard import SummaryWriter  # optional, so loaded here: tune.py checks for it
-            self.writer = SummaryWriter(os.path.join(folder, f"trial-{trial.number:04d}"))
+            self.writers[number] = SummaryWriter(os.path.join(self.folder, f"trial-{number:04d}"), purge_step=step)
+        return self.writers[number]
 
-    def __call__(self, report, train_loss, val_accuracy, learning_rate):
-        self.writer.add_scalar("train_loss", train_loss, report)
-        self.writer.add_scalar("val_accuracy", val_accuracy, report)
-        self.writer.add_scalar("learning_rate", learning_rate, report)
-        self.val_accuracy = val_accuracy  # the last one is the trial's value (see train_loop.train)
+    def add(self, trial, val):
+        if self.folder is not None:
+            writer = self.writer(trial, val.step)
+            writer.add_scalar("train_loss", val.train_loss, val.step)
+            writer.add_scalar("val_accuracy", val.accuracy, val.step)
+            writer.add_scalar("learning_rate", val.learning_rate, val.step)
+
+    def end(self, trial):
+        """The finished trial (a FrozenTrial, from a study.optimize callback): its HParams session,
+        with its hyperparameters as they are typed (TensorBoard's own hparams_pb: booleans stay
+        booleans) and its true final state; status SUCCESS for a COMPLETE trial, FAILURE otherwise."""
+        if self.folder is None or not trial.intermediate_values:  # not trained (past the budget)
+            return
+        from tensorboard.compat.proto.summary_pb2 import Summary
+        from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2, summary_v2
+        writer = self.writer(trial)
+        value = trial.value if trial.value is not None else trial.intermediate_values[trial.last_step]
+        writer.file_writer.add_summary(summary_v2.hparams_pb({**trial.params, "state": trial.state.name}))
+        writer.add_scalar("hparam/val_accuracy", value, trial.last_step)
+        end = plugin_data_pb2.HParamsPluginData(session_end_info=plugin_data_pb2.SessionEndInfo(
+            status=api_pb2.STATUS_SUCCESS if trial.state == TrialState.COMPLETE else api_pb2.STATUS_FAILURE))
+        writer.file_writer.add_summary(Summary(value=[Summary.Value(
+            tag=metadata.SESSION_END_INFO_TAG, metadata=metadata.create_summary_metadata(end))]))
+        writer.close()
+        del self.writers[trial.user_attrs.get("retry_of", trial.number)]
 
     def __enter__(self):
-        return self if self.writer else None
+        return self
 
-    def __exit__(self, error_type, error, traceback):
-        if self.writer is None:
-            return
-        from torch.utils.tensorboard.summary import hparams
-        state = ("COMPLETE" if error_type is None else "PRUNED" if issubclass(error_type, optuna.TrialPruned)
-                 else "FAIL" if issubclass(error_type, Exception) else "STOPPED")  # stopped: queued again
-        metrics = {"hparam/val_accuracy": self.val_accuracy}
-        for summary in hparams({**self.trial.params, "state": state}, metrics):  # in this run's own file
-            self.writer.file_writer.add_summary(summary)
-        self.writer.add_scalar("hparam/val_accuracy", self.val_accuracy)
-        self.writer.close()
+    def __exit__(self, *error):
+        for writer in self.writers.values():  # trials that stopped: their runs go on at the resume
+            writer.close()
 
 
 LEGEND_LIMIT = 20  # past this many trials, a legend entry per trial would run off the figure
@@ -239,7 +256,7 @@ def main(argv=None):
     except Exception as error:  # unknown study name, unreachable server, malformed URL
         parser.exit(2, f"report.py: error: cannot load study {args.study_name!r}: {str(error).splitlines()[0]}\n")
     print("\n".join(summary(study)))
-    print(f"wrote {write_trials_csv(study, args.out)} and {', '.join(save_plots(study, args.out)) or 'no plots'}")
+    print(f"wrote {write_trials_csv(study.trials_dataframe(), args.out)} and {', '.join(save_plots(study, args.out)) or 'no plots'}")
 
 
 if __name__ == "__main__":

@@ -5,35 +5,35 @@
     python tune.py --workers 2 --tensorboard runs/tb   # two processes; curves: tensorboard --logdir runs/tb
     python tune.py --storage postgresql://user:password@db-host/optuna --seed 1   # one per machine
 
-The same command resumes the study, a killed trial from its last epoch. --n-trials is the study's total
-(Optuna's `study.optimize(n_trials=...)`: "this many more"). Writes runs/STUDY-NAME/: study.db, trials.csv,
-best.json, best_model.pt, plots, artifacts/ (checkpoints: checkpoints.py). Machinery: parallel.py.
+The same command resumes the study, a killed or stopped trial from where it was. Writes runs/STUDY-NAME/:
+study.db, trials.csv, best.json, best_model.pt, plots, artifacts/. Beside it: train_loop.py (data, the
+loop), checkpoints.py, parallel.py (stops, budget, workers), report.py (CSV, plots, TensorBoard).
 """
 import os
 import signal
 
-if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-    signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))  # Ctrl-C in the imports below: no traceback
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # Ctrl-C while
+    signal.signal(signal.SIGINT, lambda *_: os._exit(130))  # torch imports (a second or two): no traceback
 
-import argparse
-import functools
-import sys
+import argparse  # noqa: E402
+import functools  # noqa: E402
+import sys  # noqa: E402
 
-import numpy as np
-import optuna
-import torch
+import numpy as np  # noqa: E402
+import optuna  # noqa: E402
+import torch  # noqa: E402
 
-import checkpoints
-import parallel
-import report
-from train_loop import (EVALS_PER_EPOCH, Parser, SetupError, Stopped, evaluate, load_mnist, pick_device,
+import checkpoints  # noqa: E402
+import parallel  # noqa: E402
+import report  # noqa: E402
+from train_loop import (VALIDATIONS_PER_EPOCH, Parser, SetupError, evaluate, load_mnist, pick_device,  # noqa: E402
                         retrain_on_train_and_val, seeded_model, train, whole_number)
 
 # ---------------------------------------------------------------------------- settings
 N_TRIALS = 30       # the study's budget: finished (complete + pruned) trials, across all runs
 EPOCHS = 3          # every trial trains this long unless pruned
 SAMPLER = "tpe"     # TPE models good and bad regions from the trials so far; "random" is the baseline
-PRUNER = "halving"  # above random search at 53% of its training, measured: benchmarks/search.py
+PRUNER = "halving"  # matched random search with 53% of its training, measured: benchmarks/search.py
 # ------------------------------------------------------------------------------------
 
 
@@ -43,7 +43,7 @@ def suggest_hparams(trial, epochs):
     return {
         "in_size": 784, "out_size": 10, "epochs": epochs,
         "hidden_size": trial.suggest_int("hidden_size", 32, 512, log=True),
-        "layer_size": trial.suggest_int("layer_size", 1, 5),
+        "layer_size": trial.suggest_int("layer_size", 1, 5),  # the depth: hidden layers
         "dropout": trial.suggest_float("dropout", 0.0, 0.5),
         "batch_size": trial.suggest_categorical("batch_size", [16, 32, 64, 128]),
         "learning_rate": trial.suggest_float("learning_rate", 1e-3, 1.0, log=True),
@@ -54,18 +54,28 @@ def suggest_hparams(trial, epochs):
     }
 
 
-def objective(trial, data, epochs, seed, store, tensorboard=None, cuda_graph=False):
-    """Suggest, build, train, return: the validation accuracy of the trained model's final weights."""
-    hparams = suggest_hparams(trial, epochs)
-    trial.set_user_attr("seed", seed)  # weights, shuffles and dropout: what the final retrain repeats
-    keeper = checkpoints.Keeper(trial, store, data["train_x"].device)  # saves each epoch; a retry resumes
-    with report.TrialCurves(tensorboard, trial) as log:  # TensorBoard curves, if asked for
+def objective(trial, args, data, store, stops, curves):
+    """A trial's whole life: suggest, build, train with a report and a pruning check at each
+    validation, keep its place, and return the validation accuracy of its final weights."""
+    parallel.claim(trial, args.n_trials)  # PastBudget if another worker took the last trial a moment before
+    trial.set_user_attr("seed", args.seed)  # weights, shuffles and dropout: what the final retrain repeats
+    hparams = suggest_hparams(trial, args.epochs)
+    model = seeded_model(hparams, args.seed)
+    with checkpoints.Keeper(trial, store) as keeper:  # a retried or stopped trial goes on from its checkpoint
         try:
-            return train(seeded_model(hparams, seed), data, hparams, trial, resume=keeper.resume(),
-                         save=keeper.save, log=log, stop=parallel.stop_requested, cuda_graph=cuda_graph)
-        except Stopped:  # SIGTERM or Ctrl-C: it saved its place; the next run goes on from there
-            parallel.queue_again(trial)
-            raise
+            for val in train(model, data, hparams, resume=keeper.resume(), cuda_graph=args.cuda_graph):
+                curves.add(trial, val)  # TensorBoard, with --tensorboard
+                trial.report(val.accuracy, val.step)
+                if trial.should_prune():
+                    raise optuna.TrialPruned(f"val_accuracy {val.accuracy:.4f} at step {val.step}")
+                if val.epoch_end or stops.requested:  # a crash's retry goes on from the last epoch's end
+                    keeper.save(val.checkpoint())
+                if stops.requested:  # SIGTERM or Ctrl-C: queued again, to go on from this very validation
+                    raise stops.queue_again(trial)
+        except (FloatingPointError, torch.OutOfMemoryError) as error:  # a rate too high; a model too big for the GPU
+            trial.set_user_attr("pruned_reason", str(error).splitlines()[0][:200])
+            raise optuna.TrialPruned(str(error)) from None
+    return evaluate(model, data["val_x"], data["val_y"])  # the final weights' accuracy: its last step's value
 
 
 def make_sampler(name, seed):
@@ -73,46 +83,70 @@ def make_sampler(name, seed):
 
 
 def make_pruner(name, epochs):
-    """Resources are reports; a rung, a report where a trial is compared with all that reached it before."""
-    if name == "halving":  # judged at half an epoch and at 1.5 epochs: the best third goes on at each
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=EVALS_PER_EPOCH // 2, reduction_factor=3)
+    """A pruner's resource is the step: a validation. A rung is a step where a trial is compared with
+    all those that reached it before."""
+    first = VALIDATIONS_PER_EPOCH // 2  # step 2: three quarters of the first epoch
+    if name == "halving":  # judged at steps 2 and 6 (0.75 and 1.75 epochs): the best third goes on at each
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=first, reduction_factor=3)
     if name == "hyperband":  # the same, in brackets that start judging at different rungs
-        return optuna.pruners.HyperbandPruner(min_resource=EVALS_PER_EPOCH // 2, reduction_factor=4,
-                                              max_resource=epochs * EVALS_PER_EPOCH)
-    if name == "median":  # stop a trial below the median of earlier trials at the same report
-        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=EVALS_PER_EPOCH // 2)
+        return optuna.pruners.HyperbandPruner(min_resource=first, reduction_factor=4,
+                                              max_resource=epochs * VALIDATIONS_PER_EPOCH)
+    if name == "median":  # stop a trial below the median of earlier trials at the same step
+        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=first)
     return optuna.pruners.NopPruner()
 
 
-def setup(args, data, store, worker=0):
-    """One process's device, CPU threads, data (a worker gets the parent's tensors), study and objective."""
-    device = pick_device(args.device, worker)  # with several GPUs, a GPU each
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.workers))
-    data = {name: tensor.to(device) for name, tensor in data.items()}
+def open_study(args, data, worker=0):
+    """The study in its storage (new, or the one to resume), with this process's seeded sampler."""
     storage = parallel.connect(args.storage, args.heartbeat)  # heartbeats: a dead process's trial is retried
     study = optuna.create_study(storage=storage, study_name=args.study_name, direction="maximize",
-                                pruner=make_pruner(args.pruner, args.epochs), load_if_exists=True)
-    parallel.check_resume(study, {"epochs": args.epochs, "pruner": args.pruner, "reports per epoch": EVALS_PER_EPOCH,
-                                  "training images": len(data["train_x"]), "validation images": len(data["val_x"])})
+                                pruner=parallel.CountingRetriesOnce(make_pruner(args.pruner, args.epochs)),
+                                load_if_exists=True)
+    parallel.check_resume(study, {"epochs": args.epochs, "pruner": args.pruner, "validations per epoch":
+                                  VALIDATIONS_PER_EPOCH, "training images": len(data["train_x"]),
+                                  "validation images": len(data["val_x"])})
     # Seeded by --seed, the worker and the trials so far: a resumed study goes on instead of repeating itself.
-    seed = np.random.SeedSequence([args.seed, worker, len(study.trials)]).generate_state(1)[0]
+    seed = np.random.SeedSequence([args.seed, worker, len(study.get_trials(deepcopy=False))]).generate_state(1)[0]
     study.sampler = make_sampler(args.sampler, int(seed))
-    return study, functools.partial(objective, data=data, epochs=args.epochs, seed=args.seed, store=store,
-                                    tensorboard=args.tensorboard, cuda_graph=args.cuda_graph)
+    return study
 
 
-def after_trial(study, trial, store):
-    """Optuna calls this after each trial: a line of progress, checkpoints of finished trials removed."""
+def run_trials(args, worker, stops, data=None):
+    """One process's part of the study (the parent's, or worker i's): its device, threads and data,
+    then trials until the budget is spent or a stop is asked for."""
+    device = pick_device(args.device, worker)  # with several GPUs, a GPU each
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.workers))
+    data = {name: tensor.to(device) for name, tensor in (data or load_mnist(args.data_dir, "cpu")).items()}
+    study = open_study(args, data, worker)
+    store = optuna.artifacts.FileSystemArtifactStore(args.artifacts)  # checkpoints
+    budget = parallel.Budget(args.n_trials, stops)  # --n-trials is the study's total, not "this many more"
+    if not budget.trials_left(study):  # waits for trials that other processes run
+        if worker == 0 and not stops.requested:
+            print(f"study {study.study_name!r} already holds its {args.n_trials} trials: nothing to train "
+                  "(raise --n-trials)")
+        return
+    with report.TrialCurves(args.tensorboard) as curves:
+        try:
+            study.optimize(functools.partial(objective, args=args, data=data, store=store, stops=stops, curves=curves),
+                           timeout=args.timeout, catch=[parallel.PastBudget],
+                           callbacks=[functools.partial(after_trial, curves=curves), budget])
+        except parallel.Stopped:  # the running trial was queued again with its place saved
+            pass
+
+
+def after_trial(study, trial, curves):
+    """Optuna calls this after each trial: a line of progress; the trial's TensorBoard run ends."""
     print(report.progress_line(study, trial), flush=True)
-    checkpoints.remove_finished(study, store)
+    curves.end(trial)
 
 
 def final_test(study, args, data):
     """Retrain the winner on train + validation, then measure it ONCE on the test set."""
     best = study.best_trial
     data = {name: tensor.to(pick_device(args.device)) for name, tensor in data.items()}
-    run = {"study": study.study_name, "trial_number": best.number, "sampler": args.sampler, "pruner": args.pruner,
-           "epochs": args.epochs, "seed": best.user_attrs["seed"], "data_dir": os.path.abspath(args.data_dir),
+    run = {"study": study.study_name, "trial_number": best.number, "params": best.params, "sampler": args.sampler,
+           "pruner": args.pruner, "epochs": args.epochs, "seed": best.user_attrs["seed"],
+           "data_dir": os.path.abspath(args.data_dir),
            **{f"{split}_images": len(data[f"{split}_x"]) for split in ("train", "val", "test")}}
     if report.holds(os.path.join(args.out, "best.json"), run):
         return print(f"best.json already holds trial {best.number}'s test accuracy; nothing to retrain")
@@ -124,7 +158,7 @@ def final_test(study, args, data):
         sys.exit(f"tune.py: the retrain of trial {best.number} diverged ({error}); best.json is not written")
     test_accuracy = evaluate(model, data["test_x"], data["test_y"])
     report.save_final(args.out, {"state_dict": model.state_dict(), "hparams": hparams},
-                      {**run, "params": best.params, "val_accuracy": best.value, "test_accuracy": test_accuracy})
+                      {**run, "val_accuracy": best.value, "test_accuracy": test_accuracy})
     print(f"trial {best.number}: val_accuracy {best.value:.4f}, test_accuracy {test_accuracy:.4f} (test set, once)")
 
 
@@ -162,25 +196,30 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # after_trial prints one line per trial instead
-    with parallel.handle_stops():
-        parallel.start_workers(args.workers)  # with --workers N: they import torch while this loads MNIST
+    with parallel.Stops() as stops:
+        workers = parallel.Workers(args.workers - 1)  # started now: they import torch while this loads MNIST
         try:
             pick_device(args.device)  # a wrong --device is told before MNIST loads
-            data = load_mnist(args.data_dir, torch.device("cpu"))  # once; workers share it
-            store = optuna.artifacts.FileSystemArtifactStore(args.artifacts)  # checkpoints
-            study, objective_on_data = setup(args, data, store)
+            data = load_mnist(args.data_dir, torch.device("cpu"))  # once; each worker loads its own
+            study = open_study(args, data)
         except (SetupError, parallel.StorageError, parallel.StudyMismatch) as error:
             print(f"tune.py: error: {error}", file=sys.stderr)
             sys.exit(2)
-        finished = parallel.optimize(study, objective_on_data, args.n_trials, timeout=args.timeout,
-                                     callbacks=[functools.partial(after_trial, store=store)], workers=args.workers,
-                                     start_worker=functools.partial(setup, args, data, store))
-        print(*report.summary(study), f"wrote {report.write_trials_csv(study, args.out)}", sep="\n")
-        if not finished:  # Ctrl-C or SIGTERM: parallel.optimize said how to resume
-            sys.exit(128 + parallel.stop_signal)
+        with stops.trials_running():
+            workers.start(run_trials, args)
+            run_trials(args, 0, stops, data)
+            crashed = workers.join()  # after a stop too: each queues its trial, then ends
+        if crashed:  # its trial was failed and retried here (heartbeat), or will be by the next run
+            print(f"warning: worker exit codes {crashed}: see the errors above", file=sys.stderr)
+        print(*report.summary(study), f"wrote {report.write_trials_csv(study.trials_dataframe(), args.out)}", sep="\n")
+        if stops.requested:
+            print("stopped: the running trial is queued again with its place saved; run the same command to resume")
+            sys.exit(128 + stops.signal)
         if not args.no_final and study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.COMPLETE]):
             final_test(study, args, data)
         report.save_plots(study, args.out)
+    if crashed:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ bracket. Targets for tune.py's default: mean best val above the baseline's, at n
 its epochs, on at least 5 seeds; TPE proposes at least half of a 30-trial study.
 """
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -27,13 +28,15 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import tune  # noqa: E402
-from train_loop import EVALS_PER_EPOCH, load_mnist  # noqa: E402
+import parallel  # noqa: E402
+import report  # noqa: E402
+from train_loop import VALIDATIONS_PER_EPOCH, load_mnist  # noqa: E402
 
 
 def configurations(epochs):
     """name -> (sampler(seed), pruner()): what is compared. tpe(5): 5 random start-up trials, not 10.
     halving(F): successive halving, first rung at report 2, the best 1/F go on at each rung."""
-    reports = epochs * EVALS_PER_EPOCH
+    reports = epochs * VALIDATIONS_PER_EPOCH
     tpe = lambda seed: optuna.samplers.TPESampler(seed=seed)  # noqa: E731
     tpe5 = lambda seed: optuna.samplers.TPESampler(seed=seed, n_startup_trials=5)  # noqa: E731
     hyperband = lambda: optuna.pruners.HyperbandPruner(min_resource=2, max_resource=reports, reduction_factor=4)  # noqa: E731
@@ -73,9 +76,12 @@ def run_study(make_sampler, make_pruner, data, args, seed):
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as folder:  # checkpoints each epoch, as tune.py does
         store = optuna.artifacts.FileSystemArtifactStore(folder)
-        study.optimize(lambda trial: tune.objective(trial, data, args.epochs, seed, store), n_trials=args.n_trials)
+        run = tune.parse_args(["--out", folder, "--epochs", str(args.epochs), "--n-trials", str(args.n_trials),
+                               "--seed", str(seed)])
+        study.optimize(functools.partial(tune.objective, args=run, data=data, store=store, stops=parallel.Stops(),
+                                         curves=report.TrialCurves(None)), n_trials=args.n_trials)
     seconds = time.perf_counter() - start
-    epochs = sum(len(trial.intermediate_values) for trial in study.trials) / EVALS_PER_EPOCH
+    epochs = sum(len(trial.intermediate_values) for trial in study.trials) / VALIDATIONS_PER_EPOCH
     by_tpe = args.n_trials - len(random_trials) if random_trials is not None else 0
     return {"best": study.best_value, "epochs": epochs, "seconds": seconds, "by_tpe": by_tpe}
 

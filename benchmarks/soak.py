@@ -40,7 +40,7 @@ def main():
                 polls += 1
                 try:
                     study = optuna.load_study(study_name="mnist-mlp", storage=f"sqlite:///{out}/study.db")
-                    report.write_trials_csv(study, out)
+                    report.write_trials_csv(study.trials_dataframe(), out)
                     report.summary(study)
                     if polls % 10 == 0:
                         report.save_plots(study, out)

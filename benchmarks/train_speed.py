@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from train_loop import (DEFAULT_HPARAMS, EVALS_PER_EPOCH, MNIST_MEAN, MNIST_STD,  # noqa: E402
+from train_loop import (DEFAULT_HPARAMS, VALIDATIONS_PER_EPOCH, MNIST_MEAN, MNIST_STD,  # noqa: E402
                         evaluate, load_mnist, pick_device, seeded_model, train)
 
 BATCH_SIZES = (32, 256, 1024)
@@ -54,7 +54,8 @@ def project(data, hparams, device):
     """One epoch of the real train(), validation at the default rate included; returns (images, seconds)."""
     model = seeded_model(hparams, 0)
     start = time.perf_counter()
-    train(model, data, hparams)
+    for _ in train(model, data, hparams):
+        pass
     synchronize(device)
     return len(data["train_x"]), time.perf_counter() - start
 
@@ -81,10 +82,11 @@ def validation_share(data, hparams):
     """Seconds of the default validation passes over one epoch's training time."""
     model = seeded_model(hparams, 0)
     start = time.perf_counter()
-    train(model, data, hparams)
+    for _ in train(model, data, hparams):
+        pass
     trial_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    for _ in range(EVALS_PER_EPOCH):
+    for _ in range(VALIDATIONS_PER_EPOCH):
         evaluate(model, data["val_x"], data["val_y"])
     return (time.perf_counter() - start) / trial_seconds
 
@@ -122,7 +124,7 @@ def main():
               f"{median['project'] / median['anchor']:>14.1f}x {median['project'] / median['ceiling']:>15.0%}")
     hparams = dict(DEFAULT_HPARAMS, epochs=1)
     share = statistics.median(validation_share(data, hparams) for _ in range(args.repeats))
-    print(f"validation at {EVALS_PER_EPOCH} passes per epoch: {share:.1%} of a batch-{hparams['batch_size']} "
+    print(f"validation at {VALIDATIONS_PER_EPOCH} passes per epoch: {share:.1%} of a batch-{hparams['batch_size']} "
           "trial's time")
 
 

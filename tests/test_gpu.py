@@ -12,8 +12,7 @@ from optuna.trial import TrialState
 
 import tune
 from conftest import write_mnist
-from test_checkpoints import SIX_EPOCHS, SLOW_TRIAL, checkpoint_file, study_with, wait_for_checkpoint
-from test_parallel import finish, start_tune
+from processes import SIX_EPOCHS, SLOW_TRIAL, finish, start_tune, study_with, wait_for_checkpoint
 from train_loop import DEFAULT_HPARAMS, load_mnist, seeded_model, train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

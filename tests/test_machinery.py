@@ -1,6 +1,7 @@
 """parallel.py on its own, with a toy objective (no MNIST, no tune.py): budget, Ctrl-C, storage errors."""
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -28,45 +29,74 @@ def sqlite_study(tmp_path, name="toy"):
     return optuna.create_study(storage=storage, study_name=name, direction="maximize", load_if_exists=True)
 
 
-def test_optimize_fills_the_budget_exactly_and_a_rerun_adds_nothing(tmp_path):
+def optimize(study, objective, n_trials, stops):
+    """As tune.run_trials runs a study: trials until the study holds n_trials in all."""
+    budget = parallel.Budget(n_trials, stops)
+    if budget.trials_left(study):
+        try:
+            study.optimize(objective, callbacks=[budget], catch=[parallel.PastBudget])
+        except parallel.Stopped:
+            pass
+
+
+def test_the_budget_is_the_studys_total_and_a_rerun_adds_nothing(tmp_path):
     study = sqlite_study(tmp_path)
-    assert parallel.optimize(study, reporting_objective, n_trials=5)
-    assert parallel.optimize(sqlite_study(tmp_path), reporting_objective, n_trials=5)
+    optimize(study, reporting_objective, 5, parallel.Stops())
+    optimize(sqlite_study(tmp_path), reporting_objective, 5, parallel.Stops())
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 5
+    optimize(sqlite_study(tmp_path), reporting_objective, 7, parallel.Stops())  # "7 in all", not "7 more"
+    assert len(study.trials) == 7
 
 
-class Stopped(BaseException):
-    """As train_loop.Stopped: not an Exception, so Optuna leaves the stopped trial as it is."""
+def test_a_trial_past_the_budget_fails_untrained_with_its_reason():
+    study = optuna.create_study()
+    first, second, third = study.ask(), study.ask(), study.ask()  # three workers asked at once for a budget of 2
+    for trial in (first, second):
+        parallel.claim(trial, 2)
+    with pytest.raises(parallel.PastBudget):
+        parallel.claim(third, 2)
+    assert third.user_attrs["fail_reason"].startswith("not trained: another worker took the last trial")
+    assert first.user_attrs["worker"] == f"{socket.gethostname()}:{os.getpid()}"
+    study.tell(third, state=TrialState.FAIL)  # as study.optimize(catch=[parallel.PastBudget]) tells it
+    study.tell(second, state=TrialState.FAIL)  # a trial before the next one failed: the budget has room again
+    parallel.claim(study.ask(), 2)
 
 
 def test_ctrl_c_stops_the_trial_at_its_next_report_and_queues_it_as_it_is(tmp_path):
     study = sqlite_study(tmp_path)
 
-    def stopped_at_step_2(trial):  # the protocol tune.py's objective and train() follow
+    def stopped_at_step_2(trial):  # the protocol tune.py's objective follows
         x = trial.suggest_float("x", 0.0, 250.0)
         for step in range(5):
             if step == 2:
                 os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, mid-trial
             trial.report(x, step)
-            if parallel.stop_requested():
-                parallel.queue_again(trial)
-                raise Stopped()
+            if stops.requested:
+                raise stops.queue_again(trial)
         return x
 
     # Ctrl-C's default meaning, even when pytest runs with SIGINT ignored (a background job).
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        with parallel.handle_stops():
-            finished = parallel.optimize(study, stopped_at_step_2, n_trials=3)
+        with parallel.Stops() as stops, stops.trials_running():
+            optimize(study, stopped_at_step_2, 3, stops)
     finally:
         signal.signal(signal.SIGINT, previous)
-    assert finished is False and parallel.stop_signal == signal.SIGINT
+    assert stops.signal == signal.SIGINT
     [queued] = study.trials  # not FAIL and a copy: the trial itself, back in the queue
     assert queued.state == TrialState.WAITING and sorted(queued.intermediate_values) == [0, 1, 2]
     # The resume runs the same trial first (no retry used), then new ones, to exactly the budget.
-    assert parallel.optimize(study, reporting_objective, n_trials=3)
+    optimize(study, reporting_objective, 3, parallel.Stops())
     assert study.trials[0].params == queued.params and "retry_history" not in study.trials[0].system_attrs
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3
+
+
+def test_a_signal_outside_the_trials_ends_the_process_at_once_with_128_plus_it():
+    code = ("import os, signal, time, parallel\n"
+            "with parallel.Stops():\n"
+            "    os.kill(os.getpid(), signal.SIGTERM); time.sleep(5)\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 143 and "SIGTERM: stopped" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_a_dead_trial_past_its_retries_is_replaced_so_the_study_still_ends_at_its_budget(tmp_path):
@@ -75,8 +105,9 @@ def test_a_dead_trial_past_its_retries_is_replaced_so_the_study_still_ends_at_it
     dead = study.ask()  # RUNNING, as a killed process leaves it, and already retried as often as allowed
     storage.set_trial_system_attr(dead._trial_id, "retry_history", list(range(parallel.MAX_RETRY)))
     storage.record_heartbeat(dead._trial_id)
-    time.sleep(parallel.GRACE + 1)  # its heartbeat (every second) is stale
-    assert parallel.run_trials(study, reporting_objective, n_trials=1)
+    start = time.monotonic()
+    optimize(study, reporting_objective, 1, parallel.Stops())  # waits for it: silent for 3 heartbeats, it is failed
+    assert time.monotonic() - start >= parallel.GRACE
     assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE]
 
 

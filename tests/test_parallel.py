@@ -1,8 +1,6 @@
 """Several workers, a real PostgreSQL server, and real killed processes."""
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import optuna
@@ -14,66 +12,22 @@ from optuna.trial import TrialState
 
 import parallel
 import tune
-from conftest import ROOT, write_mnist
+from conftest import write_mnist
+from processes import (FINISHED, SLOW_TRIAL, assert_exact_budget, assert_stopped_cleanly, finish, load, start_tune,
+                       study_with, wait_for_a_trial_mid_training, wait_for_checkpoint)
 from train_loop import load_mnist
-
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-
-
-def start_tune(mnist_dir, out, *flags, final=False):
-    """tune.py as a real child process, in its own process group (so a signal reaches only it), with
-    Ctrl-C's default meaning even when pytest itself runs with SIGINT ignored (a background job)."""
-    env = dict(os.environ, http_proxy="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9")
-    return subprocess.Popen([sys.executable, os.path.join(ROOT, "tune.py"), "--data-dir", mnist_dir, "--out", out,
-                             "--device", "cpu", *([] if final else ["--no-final"]), *flags], cwd=ROOT, env=env,
-                            text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-
-
-def finish(process, timeout=240):
-    try:
-        stdout, stderr = process.communicate(timeout=timeout)
-    finally:
-        if process.poll() is None:  # timed out: leave no process behind to slow the next tests
-            os.killpg(process.pid, signal.SIGKILL)
-    return process.returncode, stdout, stderr
-
-
-def load(storage, name="mnist-mlp"):
-    return optuna.load_study(study_name=name, storage=storage)
-
-
-def wait_for_a_trial_mid_training(process, storage, timeout=60):
-    """Poll the storage until some trial is RUNNING and has reported at least once."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert process.poll() is None, process.communicate()
-        try:
-            running = load(storage).get_trials(states=[TrialState.RUNNING])
-            if any(trial.intermediate_values for trial in running):
-                return
-        except (KeyError, sqlalchemy.exc.SQLAlchemyError):  # no database, no tables or no study yet
-            pass
-        time.sleep(0.2)
-    raise AssertionError("no trial started training in time")
-
-
-def assert_exact_budget(study, n_trials):
-    states = [trial.state for trial in study.trials]
-    assert sum(state in FINISHED for state in states) == n_trials
-    assert TrialState.RUNNING not in states and TrialState.WAITING not in states
-    numbers = [t.number for t in study.trials]
-    assert len(numbers) == len(set(numbers))
 
 
 def test_two_workers_share_one_sqlite_study_with_the_exact_budget(mnist_dir, tmp_path):
     out = str(tmp_path / "run")
     code, stdout, stderr = finish(start_tune(mnist_dir, out, "--workers", "2", "--n-trials", "6", "--epochs", "2"))
-    assert code == 0, stderr
+    assert code == 0 and "warning" not in stderr, stderr
     assert "locked" not in stderr + stdout
     study = load(f"sqlite:///{out}/study.db")
     assert_exact_budget(study, 6)
     assert len(pd.read_csv(os.path.join(out, "trials.csv"))) == len(study.trials)
+    # Both processes trained: the parent and its worker each ran finished trials.
+    assert len({t.user_attrs["worker"] for t in study.trials if t.state in FINISHED}) == 2
     # Each worker seeds its sampler differently: no two trials share their parameters.
     assert len({tuple(sorted(t.params.items())) for t in study.trials}) == len(study.trials)
 
@@ -103,11 +57,6 @@ def test_kill_9_mid_trial_then_rerun_retries_that_trial_and_ends_at_the_budget(m
     # The rerun continued the sampler's stream: apart from the retry, no configuration came twice.
     others = [tuple(sorted(t.params.items())) for t in study.trials if t.number != retries[0].number]
     assert len(others) == len(set(others))
-
-
-def assert_stopped_cleanly(code, stdout, stderr, exit_code=130):
-    assert code == exit_code, stderr
-    assert "Traceback" not in stdout + stderr and "Error" not in stderr, stderr
 
 
 def test_ctrl_c_queues_the_running_trial_as_it_is_writes_files_exits_130_and_resumes_at_once(mnist_dir, tmp_path):
@@ -153,20 +102,18 @@ def test_ctrl_c_at_many_moments_never_prints_a_traceback_and_the_rerun_ends_at_t
 
 @pytest.mark.parametrize("signals", [(signal.SIGINT, signal.SIGINT), (signal.SIGTERM, signal.SIGTERM),
                                      (signal.SIGTERM, signal.SIGINT)])
-def test_a_second_signal_stops_at_once_without_a_traceback(tmp_path, signals):
-    digits = write_mnist(tmp_path / "digits", n_train=6000)
+def test_a_second_signal_stops_at_once_and_the_trial_is_retried_from_its_last_epoch(tmp_path, signals):
+    digits = write_mnist(tmp_path / "digits", n_train=12000)  # validations half a second apart or more
     out = str(tmp_path / "run")
-    os.makedirs(out)
-    study = optuna.create_study(storage=f"sqlite:///{out}/study.db", study_name="mnist-mlp", direction="maximize")
-    study.enqueue_trial({"momentum": 0.9, "nesterov": True, "hidden_size": 256, "layer_size": 3, "dropout": 0.2,
-                         "batch_size": 16, "learning_rate": 0.01, "weight_decay": 1e-5})  # reports 0.1 s apart or more
-    process = start_tune(digits, out, "--n-trials", "2", "--epochs", "200", "--pruner", "none")
-    wait_for_a_trial_mid_training(process, f"sqlite:///{out}/study.db")
+    study_with(out, dict(SLOW_TRIAL, hidden_size=512, layer_size=5, batch_size=16))
+    flags = ["--n-trials", "1", "--epochs", "3", "--pruner", "none", "--heartbeat", "1"]
+    process = start_tune(digits, out, *flags)
+    wait_for_checkpoint(process, out, epochs_done=1)
     os.killpg(process.pid, signals[0])
     # Once the first is handled (two signals before Python's handler runs would count as one),
-    # the second, long before the trial's next report.
+    # the second, long before the trial's next validation.
     for line in process.stderr:
-        if "stops at its next report" in line:
+        if "stops at its next validation" in line:
             break
     else:
         raise AssertionError(f"the first signal was not handled: {finish(process)}")
@@ -174,35 +121,60 @@ def test_a_second_signal_stops_at_once_without_a_traceback(tmp_path, signals):
     code, stdout, stderr = finish(process)
     assert_stopped_cleanly(code, stdout, stderr, exit_code=128 + signals[1])
     assert "stopped at once" in stderr
+    [left] = load(f"sqlite:///{out}/study.db").trials
+    assert left.state == TrialState.RUNNING  # as after kill -9: retried once its heartbeat is stale
+    code, stdout, stderr = finish(start_tune(digits, out, *flags))
+    assert code == 0, stderr
+    failed, retry = load(f"sqlite:///{out}/study.db").trials
+    assert failed.state == TrialState.FAIL and retry.state == TrialState.COMPLETE
+    assert retry.user_attrs["resumed_from"] == "trial 0 after epoch 1"
 
 
-def test_ctrl_c_during_the_final_retrain_exits_130_and_the_rerun_retrains(mnist_dir, tmp_path):
+def test_ctrl_c_during_the_final_retrain_exits_130_and_the_rerun_retrains(tmp_path):
+    digits = write_mnist(tmp_path / "digits", n_train=6000)  # a retrain of several seconds: Ctrl-C lands inside it
     out = str(tmp_path / "run")
-    flags = ["--n-trials", "1", "--epochs", "60", "--pruner", "none"]
-    process = start_tune(mnist_dir, out, *flags, final=True)
+    os.makedirs(out)
+    study = optuna.create_study(storage=f"sqlite:///{out}/study.db", study_name="mnist-mlp", direction="maximize")
+    study.enqueue_trial({"momentum": 0.9, "nesterov": True, "hidden_size": 256, "layer_size": 3, "dropout": 0.2,
+                         "batch_size": 16, "learning_rate": 0.01, "weight_decay": 1e-5})
+    flags = ["--n-trials", "1", "--epochs", "2", "--pruner", "none"]
+    process = start_tune(digits, out, *flags, final=True)
     for line in process.stdout:
         if line.startswith("retraining"):
             break
-    time.sleep(0.1)  # the retrain takes about a second
+    time.sleep(0.5)
+    assert process.poll() is None, "the retrain ended before the Ctrl-C"
     os.killpg(process.pid, signal.SIGINT)
     assert_stopped_cleanly(*finish(process))
     assert not os.path.exists(os.path.join(out, "best.json"))
-    code, stdout, stderr = finish(start_tune(mnist_dir, out, *flags, final=True))
-    assert code == 0 and "test_accuracy" in stdout, stderr
+    code, stdout, stderr = finish(start_tune(digits, out, *flags, final=True))
+    assert code == 0 and "retraining" in stdout and "test_accuracy" in stdout, stderr
 
 
 @pytest.mark.parametrize("delay", [1.0, None])
 def test_ctrl_c_with_two_workers_stops_both_cleanly(mnist_dir, tmp_path, delay):
     out = str(tmp_path / "run")
     process = start_tune(mnist_dir, out, "--workers", "2", "--n-trials", "4", "--epochs", "200", "--pruner", "none")
-    if delay is None:  # mid-trial
-        wait_for_a_trial_mid_training(process, f"sqlite:///{out}/study.db")
+    if delay is None:  # mid-trial: both are training
+        deadline = time.monotonic() + 120
+        while len(running_with_reports(out)) < 2:
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+            time.sleep(0.1)
     else:  # start-up: the parent is still importing, or starting its workers
         time.sleep(delay)
     os.killpg(process.pid, signal.SIGINT)
     assert_stopped_cleanly(*finish(process))
-    if os.path.exists(f"{out}/study.db"):
-        assert not load(f"sqlite:///{out}/study.db").get_trials(states=[TrialState.RUNNING])
+    if delay is None:  # each trial is queued again as it is, to go on where it stopped
+        assert [t.state for t in load(f"sqlite:///{out}/study.db").trials] == [TrialState.WAITING] * 2
+    elif os.path.exists(f"{out}/study.db"):
+        assert all(t.state == TrialState.WAITING for t in load(f"sqlite:///{out}/study.db").trials)
+
+
+def running_with_reports(out):
+    try:
+        return [t for t in load(f"sqlite:///{out}/study.db").get_trials(states=[TrialState.RUNNING]) if t.intermediate_values]
+    except (KeyError, sqlalchemy.exc.SQLAlchemyError):  # no database, no tables or no study yet
+        return []
 
 
 def resident_mb():
@@ -212,14 +184,12 @@ def resident_mb():
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads Linux's /proc")
 def test_memory_stays_flat_over_100_trials_in_one_process(mnist_dir, tmp_path):
-    args = tune.parse_args(["--data-dir", mnist_dir, "--out", str(tmp_path / "run"), "--epochs", "1",
-                            "--device", "cpu"])
-    store = optuna.artifacts.FileSystemArtifactStore(args.artifacts)
-    study, objective = tune.setup(args, load_mnist(mnist_dir, torch.device("cpu")), store)
-    parallel.run_trials(study, objective, n_trials=5)  # warm up: allocator pools, imports, caches
+    data = load_mnist(mnist_dir, torch.device("cpu"))
+    argv = ["--data-dir", mnist_dir, "--out", str(tmp_path / "run"), "--epochs", "1", "--device", "cpu"]
+    tune.run_trials(tune.parse_args([*argv, "--n-trials", "5"]), 0, parallel.Stops(), data)  # warm up
     before = resident_mb()
-    parallel.run_trials(study, objective, n_trials=105)
-    assert len(study.get_trials(states=FINISHED)) == 105
+    tune.run_trials(tune.parse_args([*argv, "--n-trials", "105"]), 0, parallel.Stops(), data)
+    assert len(load(f"sqlite:///{tmp_path}/run/study.db").get_trials(states=FINISHED)) == 105
     assert resident_mb() - before < 50
 
 

@@ -1,6 +1,7 @@
 import json
 import os
 
+import numpy as np
 import optuna
 import pytest
 import torch
@@ -30,25 +31,43 @@ def test_progress_line_per_trial_and_test_accuracy_beside_validation(finished_ru
     assert "val_accuracy" in result.stdout and "test_accuracy" in result.stdout
 
 
-def test_best_json_and_model_reload_reproduce_the_test_accuracy(finished_run, mnist_dir):
-    out, _ = finished_run
+def test_best_json_is_the_best_trial_and_the_saved_model_reproduces_its_test_accuracy(finished_run, mnist_dir):
+    out, result = finished_run
     best = json.load(open(os.path.join(out, "best.json")))
-    for key in ["trial_number", "params", "val_accuracy", "test_accuracy", "epochs", "seed", "torch", "optuna"]:
-        assert key in best
+    study = optuna.load_study(study_name="mnist-mlp", storage=f"sqlite:///{out}/study.db")
+    assert best["trial_number"] == study.best_trial.number and best["val_accuracy"] == study.best_value
+    assert best["params"] == study.best_trial.params and best["epochs"] == 1 and best["seed"] == 0
     saved = torch.load(os.path.join(out, "best_model.pt"), weights_only=True)
+    assert {key: saved["hparams"][key] for key in best["params"]} == best["params"]
     model = MLP(*(saved["hparams"][key] for key in MODEL_KEYS))
     model.load_state_dict(saved["state_dict"])
     data = load_mnist(mnist_dir, torch.device("cpu"))
     assert evaluate(model, data["test_x"], data["test_y"]) == best["test_accuracy"]
-    assert saved["hparams"]["learning_rate"] == best["params"]["learning_rate"]
+    assert f"trial {best['trial_number']}: val_accuracy {best['val_accuracy']:.4f}, test_accuracy " \
+           f"{best['test_accuracy']:.4f}" in result.stdout
 
 
-def test_four_plots_are_valid_png_files(finished_run):
+def png_pixels(path):
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.size == (800, 500)
+        return np.asarray(image.convert("RGB"))
+
+
+def test_the_plots_draw_every_trial(finished_run):
     out, _ = finished_run
-    for name in report.PLOTS:
-        with Image.open(os.path.join(out, name)) as image:
-            assert image.format == "PNG" and image.size[0] > 300
-            image.verify()
+    study = optuna.load_study(study_name="mnist-mlp", storage=f"sqlite:///{out}/study.db")
+    curves = report.intermediate_values(study)
+    assert len(curves.get_lines()) == len(study.trials) == 6  # a curve per trial
+    assert all(len(line.get_xdata()) == 4 for line in curves.get_lines())  # 4 steps: 1 epoch, unpruned
+    history = report.optimization_history(study)
+    assert sum(len(collection.get_offsets()) for collection in history.collections) >= 6  # a point per trial
+    assert len(report.value_histogram(study).patches) == 20
+    for ax in (curves, history):
+        report.pyplot().close(ax.figure)
+    for name in report.PLOTS:  # and the files drawn by tune.py are pictures, not blank canvases
+        pixels = png_pixels(os.path.join(out, name))
+        coloured = (pixels.max(axis=2) - pixels.min(axis=2)) > 60  # blue, orange...: not grey, white or black
+        assert coloured.mean() > 0.002, name
 
 
 def test_test_set_is_scored_exactly_once_and_only_after_the_study(mnist_dir, tmp_path, monkeypatch):

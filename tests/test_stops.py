@@ -7,17 +7,15 @@ import time
 
 import optuna
 import pytest
-import sqlalchemy
 import torch
 from optuna.trial import TrialState
 
 import checkpoints
-import tune
 from conftest import write_mnist
-from test_checkpoints import (SLOW_TRIAL, assert_no_artifact_record_points_at_a_missing_file, checkpoint_file,
-                              study_with, wait_for_checkpoint)
-from test_parallel import assert_stopped_cleanly, finish, load, start_tune
-from train_loop import DEFAULT_HPARAMS, load_mnist, seeded_model, train
+from processes import (SLOW_TRIAL, assert_no_artifact_record_points_at_a_missing_file, assert_stopped_cleanly,
+                       checkpoint_file, finish, load, load_or_none, processes_in_group, start_tune, storage_of,
+                       study_with, wait_for_checkpoint, wait_for_reports)
+from train_loop import DEFAULT_HPARAMS, VALIDATIONS_PER_EPOCH, load_mnist, seeded_model, train
 
 EIGHT_EPOCHS = ["--n-trials", "1", "--epochs", "8", "--pruner", "none", "--heartbeat", "1"]
 
@@ -27,41 +25,11 @@ def bigger_mnist(tmp_path_factory):
     return write_mnist(tmp_path_factory.mktemp("bigger"), n_train=6000)
 
 
-def storage_of(out):
-    return f"sqlite:///{out}/study.db"
-
-
-def wait_for_reports(process, out, at_least, timeout=120):
-    """Poll until trial 0 has reported at least `at_least` times; return how many it has."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert process.poll() is None, process.communicate()
-        trials = load_or_none(out)
-        if trials and len(trials[0].intermediate_values) >= at_least:
-            return len(trials[0].intermediate_values)
-        time.sleep(0.02)
-    raise AssertionError(f"trial 0 did not report {at_least} times in time")
-
-
 def uninterrupted_value(mnist_dir, out, *flags):
     study_with(out, SLOW_TRIAL)
     code, _, stderr = finish(start_tune(mnist_dir, out, *flags))
     assert code == 0, stderr
     return load(storage_of(out)).trials[0].value
-
-
-def processes_in_group(pgid):
-    """Pids whose process group is `pgid` (tune.py and its workers run in a group of their own)."""
-    pids = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/stat") as file:
-                fields = file.read().rsplit(")", 1)[1].split()
-        except OSError:  # it ended while we looked
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            pids.append(int(pid))
-    return pids
 
 
 def test_sigterm_mid_trial_exits_143_queues_it_and_the_same_command_goes_on_from_that_report(
@@ -75,7 +43,7 @@ def test_sigterm_mid_trial_exits_143_queues_it_and_the_same_command_goes_on_from
     code, stdout, stderr = finish(process)
     assert time.monotonic() - signalled < 30  # inside Slurm's and Kubernetes' default 30 s
     assert_stopped_cleanly(code, stdout, stderr, exit_code=143)
-    assert "SIGTERM: the running trial stops at its next report" in stderr and os.path.exists(f"{out}/trials.csv")
+    assert "SIGTERM: the running trial stops at its next validation" in stderr and os.path.exists(f"{out}/trials.csv")
     [stopped] = load(storage_of(out)).trials
     assert stopped.state == TrialState.WAITING  # not RUNNING: nothing to wait for
     last_report = max(stopped.intermediate_values)
@@ -85,9 +53,9 @@ def test_sigterm_mid_trial_exits_143_queues_it_and_the_same_command_goes_on_from
     [resumed] = load(storage_of(out)).trials
     assert resumed.state == TrialState.COMPLETE and sorted(resumed.intermediate_values) == list(range(32))
     # It went on from the report it stopped at; a report inside an epoch, unless the stop came late.
-    epoch, batch = divmod(last_report + 1, tune.EVALS_PER_EPOCH)
+    epoch, quarter = divmod(last_report + 1, VALIDATIONS_PER_EPOCH)
     assert resumed.user_attrs["resumed_from"].startswith(
-        f"trial 0 after report {last_report} (epoch {epoch + 1}, batch" if batch else f"trial 0 after epoch {epoch}")
+        f"trial 0 after step {last_report} (epoch {epoch + 1}, batch" if quarter else f"trial 0 after epoch {epoch}")
     assert resumed.value == uninterrupted_value(bigger_mnist, str(tmp_path / "whole"), *EIGHT_EPOCHS)
 
 
@@ -119,13 +87,6 @@ def test_when_the_parent_of_two_workers_ends_no_process_of_its_group_is_left(mni
         assert states == ["RUNNING", "WAITING"]  # the parent's trial waits for its heartbeat; the worker's is queued
 
 
-def load_or_none(out):
-    try:
-        return load(storage_of(out)).trials if os.path.exists(f"{out}/study.db") else []
-    except (KeyError, sqlalchemy.exc.SQLAlchemyError):  # no study yet, or tune.py is making its tables
-        return []
-
-
 def test_a_checkpoint_cut_in_half_is_a_warning_and_a_fresh_start(bigger_mnist, tmp_path):
     out = str(tmp_path / "run")
     study_with(out, SLOW_TRIAL)
@@ -140,10 +101,10 @@ def test_a_checkpoint_cut_in_half_is_a_warning_and_a_fresh_start(bigger_mnist, t
     code, stdout, stderr = finish(start_tune(bigger_mnist, out, *flags))
     assert code == 0 and "Traceback" not in stderr, stderr
     assert "warning: trial 1: its checkpoint" in stderr and "cannot be used" in stderr and "starts afresh" in stderr
-    retry = load(storage_of(out)).trials[-1]
-    assert retry.state == TrialState.COMPLETE and "resumed_from" not in retry.user_attrs
-    assert sorted(retry.intermediate_values) == list(range(6 * tune.EVALS_PER_EPOCH))  # every epoch, afresh
-    assert not os.path.exists(path)  # the damaged file went at the retry's first save
+    failed, retry = load(storage_of(out)).trials
+    assert retry.state == TrialState.COMPLETE and retry.user_attrs["resumed_from"].startswith("started afresh:")
+    assert sorted(retry.intermediate_values) == list(range(6 * VALIDATIONS_PER_EPOCH))  # every epoch, afresh
+    assert os.path.exists(path) and failed.user_attrs["checkpoint"] == os.path.basename(path)  # the FAIL names it
 
 
 def test_three_ctrl_cs_on_one_trial_then_kill_9_still_resume_it_to_the_uninterrupted_value(bigger_mnist, tmp_path):
@@ -170,24 +131,29 @@ def test_three_ctrl_cs_on_one_trial_then_kill_9_still_resume_it_to_the_uninterru
     assert retry.value == uninterrupted_value(bigger_mnist, str(tmp_path / "whole"), *EIGHT_EPOCHS)
 
 
-def test_after_pruned_stopped_and_resumed_trials_every_artifact_record_points_at_a_file(bigger_mnist, tmp_path):
+def test_after_pruned_stopped_and_resumed_trials_every_file_named_exists_and_every_file_is_named(bigger_mnist, tmp_path):
     out = str(tmp_path / "run")
     flags = ["--n-trials", "12", "--epochs", "3", "--heartbeat", "1"]
-    process = start_tune(bigger_mnist, out, *flags)
+    process = start_tune(bigger_mnist, out, *flags, final=True)
     wait_for_reports(process, out, at_least=1)
     os.killpg(process.pid, signal.SIGTERM)
     assert_stopped_cleanly(*finish(process), exit_code=143)
-    code, _, stderr = finish(start_tune(bigger_mnist, out, *flags))
+    code, _, stderr = finish(start_tune(bigger_mnist, out, *flags, final=True))
     assert code == 0, stderr
     storage = optuna.storages.RDBStorage(storage_of(out))
     study = optuna.load_study(study_name="mnist-mlp", storage=storage)
     assert {TrialState.COMPLETE, TrialState.PRUNED} <= {t.state for t in study.trials}
     assert any("resumed_from" in t.user_attrs for t in study.trials)
     assert_no_artifact_record_points_at_a_missing_file(study, storage, os.path.join(out, "artifacts"))
+    for name in ("best_model.pt", "best.json", "trials.csv", "optimization_history.png"):  # what the user keeps
+        assert os.path.getsize(os.path.join(out, name)) > 0, name
+    named = {t.user_attrs.get("checkpoint") for t in study.trials} | {
+        meta.artifact_id for meta in optuna.artifacts.get_all_artifact_meta(study)}
+    assert set(os.listdir(os.path.join(out, "artifacts"))) <= named  # nothing left behind that nothing names
 
 
 # ------------------------------------------------------------------ checkpoints that cannot be used
-GOOD = dict(DEFAULT_HPARAMS, learning_rate=0.05, hidden_size=64, layer_size=2, epochs=2)
+GOOD = dict(DEFAULT_HPARAMS, hidden_size=64, epochs=2)
 
 
 class FakeTrial:
@@ -201,9 +167,8 @@ class FakeTrial:
 
 
 def first_epochs_checkpoint(data):
-    saved = []
-    train(seeded_model(GOOD, 0), data, GOOD, save=saved.append)
-    return {**saved[0], "trial": 3}
+    first_epoch_end = next(val for val in train(seeded_model(GOOD, 0), data, GOOD) if val.epoch_end)
+    return {**first_epoch_end.checkpoint(), "trial": 3}
 
 
 def write_checkpoint(store, name, checkpoint):
@@ -227,7 +192,7 @@ def test_a_checkpoint_that_cannot_be_used_means_a_warning_and_a_fresh_start(data
     write_checkpoint(store, "saved.pt", {**checkpoint, "format": 1} if damage == "an older format" else checkpoint)
     if damage == "not a torch file":
         store.write("saved.pt", io.BytesIO(b"PK\x03\x04 not a checkpoint"))
-    assert checkpoints.Keeper(FakeTrial("saved.pt"), store, torch.device("cpu")).resume() is None
+    assert checkpoints.Keeper(FakeTrial("saved.pt"), store).resume() is None
     warning = capsys.readouterr().err
     assert warning.startswith("warning: trial 3: its checkpoint saved.pt cannot be used (") and "afresh" in warning
 
@@ -238,6 +203,7 @@ def test_a_checkpoint_from_another_kind_of_device_resumes_with_a_warning(data, t
     # As if saved on a GPU: that device's random state beside the CPU's (its bytes mean nothing here).
     checkpoint["random_state"] = {**checkpoint["random_state"], "cuda": torch.zeros(16, dtype=torch.uint8)}
     write_checkpoint(store, "gpu.pt", checkpoint)
-    resume = checkpoints.Keeper(FakeTrial("gpu.pt"), store, torch.device("cpu")).resume()
-    assert train(seeded_model(GOOD, 0), data, GOOD, resume=resume) > 0.9
+    resume = checkpoints.Keeper(FakeTrial("gpu.pt"), store).resume()
+    *_, val = train(seeded_model(GOOD, 0), data, GOOD, resume=resume)
+    assert val.accuracy > 0.9 and val.step == 2 * VALIDATIONS_PER_EPOCH - 1
     assert "saved on cuda, this run is on cpu" in capsys.readouterr().err

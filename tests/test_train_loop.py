@@ -1,17 +1,20 @@
 import io
 import os
+import shutil
+import subprocess
+import sys
 
+import numpy as np
 import optuna
 import pytest
 import torch
 
 import train_loop
-
-from conftest import N_TEST, N_TRAIN, assert_usage_error, run_script, write_mnist
+from conftest import N_TEST, N_TRAIN, ROOT, assert_usage_error, run_script, write_mnist
 from mlp import MLP
 from train_loop import DEFAULT_HPARAMS, SetupError, evaluate, load_mnist, seeded_model, train
 
-GOOD = dict(DEFAULT_HPARAMS, learning_rate=0.05, hidden_size=64, layer_size=2, epochs=1)
+GOOD = dict(DEFAULT_HPARAMS, hidden_size=64, epochs=1)
 
 
 @pytest.fixture(scope="module")
@@ -19,11 +22,20 @@ def data(mnist_dir):
     return load_mnist(mnist_dir, torch.device("cpu"))
 
 
-def test_load_mnist_splits_train_into_fixed_train_and_validation(data, mnist_dir):
+def last(validations):
+    """Train to the end; the last Validation."""
+    *_, final = validations
+    return final
+
+
+def test_load_mnist_splits_train_into_fixed_train_and_validation_normalised_as_mnist(data, mnist_dir):
     n_val = round(N_TRAIN / 6)
     assert len(data["val_x"]) == n_val and len(data["train_x"]) == N_TRAIN - n_val and len(data["test_x"]) == N_TEST
     assert data["train_x"].shape[1] == 784 and data["train_x"].dtype == torch.float32
-    assert abs(data["train_x"].mean().item()) < 3  # normalised, not raw 0..255 bytes
+    # Each test image is its file's bytes, scaled to 0-1 and normalised with MNIST's mean and std.
+    raw = train_loop.read_idx(os.path.join(mnist_dir, "MNIST", "raw"), "t10k-images-idx3-ubyte")
+    expected = (raw.float().flatten(1) / 255 - 0.1307) / 0.3081
+    assert torch.allclose(data["test_x"], expected)
     # No validation image is also a training image, and the split is the same every time.
     train_rows = {tuple(row.tolist()) for row in data["train_x"]}
     assert not any(tuple(row.tolist()) in train_rows for row in data["val_x"])
@@ -31,45 +43,53 @@ def test_load_mnist_splits_train_into_fixed_train_and_validation(data, mnist_dir
     assert torch.equal(again["val_x"], data["val_x"]) and torch.equal(again["val_y"], data["val_y"])
 
 
-def test_train_learns_far_above_chance(data):
-    val_accuracy = train(seeded_model(GOOD, 0), data, GOOD)
-    assert val_accuracy > 0.9  # chance is 0.1
+def test_train_yields_each_validation_and_learns_far_above_chance(data):
+    model = seeded_model(GOOD, 0)
+    validations = list(train(model, data, GOOD))
+    per_epoch = train_loop.VALIDATIONS_PER_EPOCH
+    assert [val.step for val in validations] == list(range(per_epoch))
+    assert [val.epoch_end for val in validations] == [False] * (per_epoch - 1) + [True]
+    assert validations[-1].accuracy == evaluate(model, data["val_x"], data["val_y"]) > 0.9  # chance is 0.1
+    assert validations[-1].train_loss < validations[0].train_loss
+    assert validations[-1].learning_rate == 0  # decayed linearly to zero at the end of the run
 
 
 def test_same_seed_gives_bit_identical_weights_on_cpu(data):
     models, accuracies = [], []
     for _ in range(2):  # as tune.py does it: seed, build, train straight away
         models.append(seeded_model(GOOD, 7))
-        accuracies.append(train(models[-1], data, GOOD))
+        accuracies.append(last(train(models[-1], data, GOOD)).accuracy)
     assert accuracies[0] == accuracies[1]
     for a, b in zip(models[0].state_dict().values(), models[1].state_dict().values()):
         assert torch.equal(a, b)
     other = seeded_model(GOOD, 8)
-    train(other, data, GOOD)
+    last(train(other, data, GOOD))
     assert not torch.equal(other.state_dict()["layers.0.weight"], models[0].state_dict()["layers.0.weight"])
 
 
-def test_a_run_resumed_from_any_epochs_checkpoint_ends_with_the_same_value_and_weights(data):
+def test_a_run_resumed_from_any_validations_checkpoint_ends_with_the_same_steps_and_weights(data):
     hparams = dict(GOOD, epochs=3, dropout=0.3)  # dropout and shuffles draw random numbers every step
-    saved, logged = [], []
-
-    def save(checkpoint):  # as checkpoints.py does: serialised at once, loaded later with weights_only
-        buffer = io.BytesIO()
-        torch.save(checkpoint, buffer)
+    whole, saved, steps = seeded_model(hparams, 0), [], []
+    for val in train(whole, data, hparams):
+        buffer = io.BytesIO()  # as checkpoints.py does: serialised at once, loaded later with weights_only
+        torch.save(val.checkpoint(), buffer)
         saved.append(buffer.getvalue())
-
-    whole = seeded_model(hparams, 0)
-    value = train(whole, data, hparams, save=save, log=lambda *reads: logged.append(reads))
-    assert [torch.load(io.BytesIO(b), weights_only=True)["epochs_done"] for b in saved] == [1, 2, 3]
-    assert len(logged) == 3 * train_loop.EVALS_PER_EPOCH and logged[-1][2] == value
-    for epoch_checkpoint in saved[:2]:
+        steps.append((val.step, val.accuracy, val.train_loss))
+    for at in (1, 3, 6):  # mid-epoch, an epoch's end, mid-epoch again
         resumed = seeded_model(hparams, 0)  # a fresh process would build it the same way
-        assert train(resumed, data, hparams, resume=torch.load(io.BytesIO(epoch_checkpoint), weights_only=True)) == value
+        again = [(val.step, val.accuracy, val.train_loss) for val in train(
+            resumed, data, hparams, resume=torch.load(io.BytesIO(saved[at]), weights_only=True))]
+        assert again == steps[at + 1:]
         for a, b in zip(whole.state_dict().values(), resumed.state_dict().values()):
             assert torch.equal(a, b)
 
 
-def test_a_trial_that_runs_out_of_memory_is_pruned_with_the_reason_and_the_study_goes_on(data):
+def test_a_loss_that_turns_nan_raises_floating_point_error(data):
+    with pytest.raises(FloatingPointError, match="nan/inf"):
+        last(train(seeded_model(GOOD, 0), data, dict(GOOD, learning_rate=1e4)))
+
+
+def test_running_out_of_memory_is_the_plain_error(data):
     class RunsOutAtStep3(MLP):  # as a GPU would answer a too-big batch (tests/test_gpu.py does it for real)
         calls = 0
 
@@ -79,61 +99,30 @@ def test_a_trial_that_runs_out_of_memory_is_pruned_with_the_reason_and_the_study
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
             return super().forward(x)
 
-    def objective(trial):
-        hidden_size = trial.suggest_categorical("hidden_size", [64, 32])
-        model = (RunsOutAtStep3 if hidden_size == 64 else MLP)(784, hidden_size, 10, 2, 0.0)
-        return train(model, data, dict(GOOD, hidden_size=hidden_size), trial)
-
-    study = optuna.create_study(direction="maximize")
-    study.enqueue_trial({"hidden_size": 64})
-    study.enqueue_trial({"hidden_size": 32})
-    study.optimize(objective, n_trials=2)
-    too_big, fine = study.trials
-    assert too_big.state == optuna.trial.TrialState.PRUNED
-    assert too_big.user_attrs["pruned_reason"].startswith("out of memory on cpu: CUDA out of memory. Tried")
-    assert fine.state == optuna.trial.TrialState.COMPLETE and fine.value > 0.9
-    RunsOutAtStep3.calls = 0
-    with pytest.raises(torch.OutOfMemoryError):  # without a trial, the error itself
-        train(RunsOutAtStep3(784, 64, 10, 2, 0.0), data, GOOD)
+    with pytest.raises(torch.OutOfMemoryError):
+        last(train(RunsOutAtStep3(784, 64, 10, 2, 0.0), data, GOOD))
 
 
-def test_pruner_really_prunes_a_bad_trial_in_a_real_study(data):
+def test_the_three_pruning_lines_stop_a_bad_trial_in_a_real_study(data):
     study = optuna.create_study(direction="maximize",
                                 pruner=optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=0))
     study.enqueue_trial({"learning_rate": 0.05})   # learns
     study.enqueue_trial({"learning_rate": 1e-6})   # barely moves: below the median at its first report
     hparams = dict(GOOD, epochs=2)
 
-    def objective(trial):
-        return train(seeded_model(hparams, 0), data, dict(hparams, learning_rate=trial.suggest_float(
-            "learning_rate", 1e-6, 1.0, log=True)), trial)
+    def objective(trial):  # the README's loop of your own
+        model = seeded_model(hparams, 0)
+        for val in train(model, data, dict(hparams, learning_rate=trial.suggest_float("learning_rate", 1e-6, 1, log=True))):
+            trial.report(val.accuracy, val.step)
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+        return val.accuracy
 
     study.optimize(objective, n_trials=2)
     good, bad = study.trials
     assert good.state == optuna.trial.TrialState.COMPLETE and len(good.intermediate_values) == 8
-    assert good.value == good.intermediate_values[7]  # the final weights' accuracy: the last report
-    assert good.user_attrs["best_val_accuracy"] == max(good.intermediate_values.values())
-    assert 0 < good.user_attrs["train_loss"] < 2.3  # below a guess's log(10): it learned
-    assert bad.state == optuna.trial.TrialState.PRUNED
-    assert len(bad.intermediate_values) < len(good.intermediate_values)  # stopped early: compute saved
-
-
-def test_nonfinite_loss_prunes_with_a_reason_and_the_study_goes_on(data):
-    study = optuna.create_study(direction="maximize")
-    study.enqueue_trial({"learning_rate": 1e4})  # diverges to inf/nan within a few steps
-    study.enqueue_trial({"learning_rate": 0.05})
-
-    def objective(trial):
-        hparams = dict(GOOD, learning_rate=trial.suggest_float("learning_rate", 1e-6, 1e4, log=True))
-        return train(seeded_model(hparams, 0), data, hparams, trial)
-
-    study.optimize(objective, n_trials=2)
-    exploded, fine = study.trials
-    assert exploded.state == optuna.trial.TrialState.PRUNED
-    assert "nan/inf" in exploded.user_attrs["pruned_reason"]
-    assert fine.state == optuna.trial.TrialState.COMPLETE and fine.value > 0.9
-    with pytest.raises(FloatingPointError):
-        train(seeded_model(GOOD, 0), data, dict(GOOD, learning_rate=1e4))
+    assert good.value == good.intermediate_values[7]
+    assert bad.state == optuna.trial.TrialState.PRUNED and sorted(bad.intermediate_values) == [0]
 
 
 def test_evaluate_is_accuracy(data):
@@ -146,12 +135,34 @@ def test_evaluate_is_accuracy(data):
     assert accuracy == pytest.approx(by_hand) and accuracy < 0.5
 
 
-def test_train_loop_script_trains_then_scores_the_test_set_once(mnist_dir, tmp_path):
-    result = run_script("train_loop.py", "--data-dir", mnist_dir, "--epochs", "1", "--learning-rate", "0.05",
-                        "--device", "cpu", cwd=tmp_path)
+def test_train_loop_script_with_its_defaults_learns_then_scores_the_test_set_once(mnist_dir, tmp_path):
+    result = run_script("train_loop.py", "--data-dir", mnist_dir, "--device", "cpu", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.count("val_accuracy") >= 4 and result.stdout.count("train_loss") >= 4
-    assert result.stdout.count("test_accuracy") == 1
+    lines = result.stdout.splitlines()
+    assert sum(line.startswith("step ") for line in lines) == 2 * train_loop.VALIDATIONS_PER_EPOCH
+    assert lines[-1].startswith("final model: val_accuracy") and result.stdout.count("test_accuracy") == 1
+    assert float(lines[-1].split("val_accuracy ")[1].split(",")[0]) > 0.9
+
+
+def test_train_loop_and_mlp_copied_alone_run_and_import(mnist_dir, tmp_path):
+    for name in ("train_loop.py", "mlp.py", "garden.py"):
+        shutil.copy(os.path.join(ROOT, name), tmp_path)
+    env = dict(os.environ, PYTHONPATH="")  # only what was copied
+
+    def run(*argv):
+        return subprocess.run([sys.executable, *map(str, argv)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=300)
+
+    result = run("train_loop.py", "--data-dir", mnist_dir, "--epochs", "1")
+    assert result.returncode == 0 and "test_accuracy" in result.stdout, result.stderr
+    code = ("import sys, torch; from train_loop import load_mnist, seeded_model, train; "
+            f"data = load_mnist({mnist_dir!r}, torch.device('cpu')); import train_loop; "
+            "*_, val = train(seeded_model(train_loop.DEFAULT_HPARAMS, 0), data, dict(train_loop.DEFAULT_HPARAMS, epochs=1)); "
+            "print(val.accuracy, sorted(m for m in ('checkpoints', 'cuda_graph', 'optuna') if m in sys.modules))")
+    result = run("-c", code)
+    assert result.returncode == 0 and result.stdout.strip().endswith("[]"), result.stderr  # nothing optional loaded
+    assert run("mlp.py").returncode == 0 and "parameters" in run("mlp.py").stdout
+    assert "gap:" in run("garden.py", "--n-trials", "5").stdout
 
 
 def test_missing_files_offline_name_the_folder_and_the_four_files(tmp_path):
@@ -169,6 +180,18 @@ def test_truncated_or_corrupt_files_are_refused_with_advice(tmp_path, damage):
         load_mnist(root, torch.device("cpu"), download=False)
     assert_usage_error(run_script("train_loop.py", "--data-dir", root, cwd=tmp_path), "cannot load MNIST")
     assert open(path, "rb").read() != content  # we refused; we did not "repair" the user's file either
+
+
+def test_gzipped_files_load_as_the_plain_ones(mnist_dir, tmp_path):
+    import gzip
+    raw = tmp_path / "MNIST" / "raw"
+    os.makedirs(raw)
+    for name in train_loop.MNIST_FILES:
+        with open(os.path.join(mnist_dir, "MNIST", "raw", name), "rb") as plain, gzip.open(raw / f"{name}.gz", "wb") as packed:
+            packed.write(plain.read())
+    zipped, plain = load_mnist(str(tmp_path), torch.device("cpu")), load_mnist(mnist_dir, torch.device("cpu"))
+    assert all(torch.equal(zipped[key], plain[key]) for key in plain)
+    assert np.isclose(plain["train_x"].mean().item(), zipped["train_x"].mean().item())
 
 
 @pytest.mark.parametrize("flags", [["--epochs", "0"], ["--dropout", "1.5"], ["--momentum", "0"],
