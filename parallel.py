@@ -24,6 +24,7 @@ import os
 import re
 import signal
 import socket
+import sys
 import threading
 import time
 import warnings
@@ -176,20 +177,23 @@ class Budget:
     queued again, and this process runs the retry, so a study ends whole."""
 
     def __init__(self, n_trials, stops):
-        self.n_trials, self.stops = n_trials, stops
+        self.n_trials, self.stops, self.first = n_trials, stops, True
 
     def __call__(self, study, trial):
         if not self.trials_left(study):
             study.stop()
 
     def trials_left(self, study):
-        said_waiting = False
+        said_waiting, first, self.first = False, self.first, False
         while not self.stops.requested:
             trials = [t for t in study.get_trials(deepcopy=False) if t.state != TrialState.FAIL]
             if len(trials) < self.n_trials or any(t.state == TrialState.WAITING for t in trials):
                 return True
             running = sum(t.state == TrialState.RUNNING for t in trials)
             if not running:
+                if first:
+                    print(f"study {study.study_name!r} already holds its {self.n_trials} trials: nothing to train "
+                          "(raise --n-trials)")
                 return False
             optuna.storages.fail_stale_trials(study)  # one silent too long (a dead process's): failed, queued again
             if not said_waiting:
@@ -307,10 +311,13 @@ class Workers:
                 pipe.send((target, args))
 
     def join(self):
-        """Wait for every worker to end; return the exit codes of those that failed."""
+        """Wait for every worker to end; return the exit codes of those that failed, which it tells on stderr."""
         for process in self.processes:
             process.join()
-        return [process.exitcode for process in self.processes if process.exitcode]
+        crashed = [process.exitcode for process in self.processes if process.exitcode]
+        if crashed:  # a dead worker's trial is retried by another process (heartbeats), or by the next run
+            print(f"warning: workers exited with {crashed}: see the errors above", file=sys.stderr)
+        return crashed
 
 
 def worker_main(worker, pipe):

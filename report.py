@@ -41,6 +41,27 @@ def cannot_write(folder):
     return None if os.access(folder, os.W_OK) else "not writable"
 
 
+def with_output_folders(parser, args):
+    """tune.py's --out, --artifacts and --storage, their defaults filled in; exit 2 if a folder cannot be written."""
+    args.out = args.out or os.path.join("runs", args.study_name)
+    args.artifacts = args.artifacts or os.path.join(args.out, "artifacts")
+    for flag, folder in (("--out", args.out), ("--artifacts", args.artifacts)):
+        if problem := cannot_write(folder):
+            parser.error(f"{flag} {folder}: cannot write there ({problem}); pass another folder")
+    args.storage = args.storage or f"sqlite:///{os.path.join(args.out, 'study.db')}"
+    return args
+
+
+def final_run(study, args, data):
+    """What best.json records of the run that made it: study, trial, settings, data. A best.json that
+    says the same of the run at hand holds its test accuracy already."""
+    best = study.best_trial
+    return {"study": study.study_name, "trial_number": best.number, "params": best.params, "sampler": args.sampler,
+            "pruner": args.pruner, "epochs": args.epochs, "seed": best.user_attrs["seed"],
+            "data_dir": os.path.abspath(args.data_dir),
+            **{f"{split}_images": len(data[f"{split}_x"]) for split in ("train", "val", "test")}}
+
+
 def save_final(out, model_state, result):
     """best_model.pt (for predict.py: weights on the CPU and the hparams) and best.json with the
     versions that made it, each written whole or not at all."""
@@ -82,6 +103,11 @@ def write_trials_csv(df, out):
     return path
 
 
+def print_progress(study, trial):
+    """A study.optimize callback: a line of progress for each finished trial."""
+    print(progress_line(study, trial), flush=True)
+
+
 def progress_line(study, trial):
     """One line for a finished trial: state, value, seconds, the best so far, and why it stopped."""
     value = "-" if trial.value is None else f"{trial.value:.4f}"
@@ -103,6 +129,9 @@ def summary(study):
     lines = [f"study {study.study_name!r}: {finished} finished ({counts[TrialState.COMPLETE]} complete, "
              f"{counts[TrialState.PRUNED]} pruned), {counts[TrialState.FAIL]} failed, "
              f"{counts[TrialState.RUNNING]} running, {counts[TrialState.WAITING]} waiting"]
+    if counts[TrialState.WAITING]:
+        lines.append("stopped: the running trial is queued again with its place saved; run the same command "
+                     "to resume")
     if counts[TrialState.COMPLETE]:
         best = study.best_trial
         lines.append(f"best: trial {best.number}, val_accuracy {best.value:.4f}")
@@ -136,8 +165,8 @@ class TrialCurves:
             writer.add_scalar("val_accuracy", val.accuracy, val.step)
             writer.add_scalar("learning_rate", val.learning_rate, val.step)
 
-    def end(self, trial):
-        """The finished trial (a FrozenTrial, from a study.optimize callback): its HParams session,
+    def end(self, study, trial):
+        """A study.optimize callback: the finished trial's HParams session,
         with its hyperparameters as they are typed (TensorBoard's own hparams_pb: booleans stay
         booleans) and its true final state; status SUCCESS for a COMPLETE trial, FAILURE otherwise."""
         if self.folder is None or not trial.intermediate_values:  # not trained (past the budget)

@@ -1,13 +1,7 @@
 """Tune the MNIST MLP with Optuna: search space, objective, sampler, pruner, study, final test.
 
-    python tune.py                                  # full MNIST (downloaded into data/), 30 trials
-    python tune.py --data-dir DIR --n-trials 20     # MNIST files you already have, in DIR/MNIST/raw
-    python tune.py --workers 2 --tensorboard runs/tb   # two processes; curves: tensorboard --logdir runs/tb
-    python tune.py --storage postgresql://user:password@db-host/optuna --seed 1   # one per machine
-
-The same command resumes the study, a killed or stopped trial from where it was. Writes runs/STUDY-NAME/:
-study.db, trials.csv, best.json, best_model.pt, plots, artifacts/. Beside it: train_loop.py (data, the
-loop), checkpoints.py, parallel.py (stops, budget, workers), report.py (CSV, plots, TensorBoard).
+    python tune.py                               # full MNIST (downloaded into data/), 30 trials; again: resumes
+    python tune.py --data-dir DIR --workers 2    # MNIST files in DIR/MNIST/raw; two processes (--help: all flags)
 """
 import os
 import signal
@@ -15,18 +9,18 @@ import signal
 if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # Ctrl-C while
     signal.signal(signal.SIGINT, lambda *_: os._exit(130))  # torch imports (a second or two): no traceback
 
-import argparse  # noqa: E402
-import functools  # noqa: E402
-import sys  # noqa: E402
+import contextlib
+import functools
+import sys
 
-import numpy as np  # noqa: E402
-import optuna  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import optuna
+import torch
 
-import checkpoints  # noqa: E402
-import parallel  # noqa: E402
-import report  # noqa: E402
-from train_loop import (VALIDATIONS_PER_EPOCH, Parser, SetupError, evaluate, load_mnist, pick_device,  # noqa: E402
+import checkpoints
+import parallel
+import report
+from train_loop import (VALIDATIONS_PER_EPOCH, Parser, SetupError, evaluate, load_mnist, pick_device,
                         retrain_on_train_and_val, seeded_model, train, whole_number)
 
 # ---------------------------------------------------------------------------- settings
@@ -55,8 +49,7 @@ def suggest_hparams(trial, epochs):
 
 
 def objective(trial, args, data, store, stops, curves):
-    """A trial's whole life: suggest, build, train with a report and a pruning check at each
-    validation, keep its place, and return the validation accuracy of its final weights."""
+    """A trial's life: suggest, build, train, report and prune at each validation, keep its place, return."""
     parallel.claim(trial, args.n_trials)  # PastBudget if another worker took the last trial a moment before
     trial.set_user_attr("seed", args.seed)  # weights, shuffles and dropout: what the final retrain repeats
     hparams = suggest_hparams(trial, args.epochs)
@@ -78,76 +71,50 @@ def objective(trial, args, data, store, stops, curves):
     return evaluate(model, data["val_x"], data["val_y"])  # the final weights' accuracy: its last step's value
 
 
-def make_sampler(name, seed):
-    return optuna.samplers.TPESampler(seed=seed) if name == "tpe" else optuna.samplers.RandomSampler(seed=seed)
-
-
-def make_pruner(name, epochs):
-    """A pruner's resource is the step: a validation. A rung is a step where a trial is compared with
-    all those that reached it before."""
+def make_pruner(name):
+    """Its resource is the step (a validation); at a rung, a trial is compared with all that reached it."""
     first = VALIDATIONS_PER_EPOCH // 2  # step 2: three quarters of the first epoch
     if name == "halving":  # judged at steps 2 and 6 (0.75 and 1.75 epochs): the best third goes on at each
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=first, reduction_factor=3)
-    if name == "hyperband":  # the same, in brackets that start judging at different rungs
-        return optuna.pruners.HyperbandPruner(min_resource=first, reduction_factor=4,
-                                              max_resource=epochs * VALIDATIONS_PER_EPOCH)
     if name == "median":  # stop a trial below the median of earlier trials at the same step
         return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=first)
     return optuna.pruners.NopPruner()
 
 
 def open_study(args, data, worker=0):
-    """The study in its storage (new, or the one to resume), with this process's seeded sampler."""
+    """The study (new, or the one to resume) and a sampler seeded by --seed, worker and trials so far."""
     storage = parallel.connect(args.storage, args.heartbeat)  # heartbeats: a dead process's trial is retried
     study = optuna.create_study(storage=storage, study_name=args.study_name, direction="maximize",
-                                pruner=parallel.CountingRetriesOnce(make_pruner(args.pruner, args.epochs)),
-                                load_if_exists=True)
+                                pruner=parallel.CountingRetriesOnce(make_pruner(args.pruner)), load_if_exists=True)
+    study.set_metric_names(["val_accuracy"])  # the dashboard's and trials.csv's name for the value
     parallel.check_resume(study, {"epochs": args.epochs, "pruner": args.pruner, "validations per epoch":
                                   VALIDATIONS_PER_EPOCH, "training images": len(data["train_x"]),
                                   "validation images": len(data["val_x"])})
-    # Seeded by --seed, the worker and the trials so far: a resumed study goes on instead of repeating itself.
     seed = np.random.SeedSequence([args.seed, worker, len(study.get_trials(deepcopy=False))]).generate_state(1)[0]
-    study.sampler = make_sampler(args.sampler, int(seed))
+    sampler = optuna.samplers.TPESampler if args.sampler == "tpe" else optuna.samplers.RandomSampler
+    study.sampler = sampler(seed=int(seed))
     return study
 
 
 def run_trials(args, worker, stops, data=None):
-    """One process's part of the study (the parent's, or worker i's): its device, threads and data,
-    then trials until the budget is spent or a stop is asked for."""
-    device = pick_device(args.device, worker)  # with several GPUs, a GPU each
+    """One process's part of the study (the parent's, or worker i's): trials until the study holds
+    --n-trials in all, its total over every run, worker and machine (Optuna's n_trials: "this many more")."""
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.workers))
-    data = {name: tensor.to(device) for name, tensor in (data or load_mnist(args.data_dir, "cpu")).items()}
-    study = open_study(args, data, worker)
-    store = optuna.artifacts.FileSystemArtifactStore(args.artifacts)  # checkpoints
-    budget = parallel.Budget(args.n_trials, stops)  # --n-trials is the study's total, not "this many more"
-    if not budget.trials_left(study):  # waits for trials that other processes run
-        if worker == 0 and not stops.requested:
-            print(f"study {study.study_name!r} already holds its {args.n_trials} trials: nothing to train "
-                  "(raise --n-trials)")
-        return
-    with report.TrialCurves(args.tensorboard) as curves:
-        try:
+    data = data or load_mnist(args.data_dir, pick_device(args.device, worker))  # several GPUs: one each
+    study, store = open_study(args, data, worker), optuna.artifacts.FileSystemArtifactStore(args.artifacts)
+    budget = parallel.Budget(args.n_trials, stops)  # waits for trials running elsewhere, then stops the study
+    # parallel.Stopped leaves study.optimize once the running trial is queued again with its place saved.
+    with report.TrialCurves(args.tensorboard) as curves, contextlib.suppress(parallel.Stopped):
+        if budget.trials_left(study):
             study.optimize(functools.partial(objective, args=args, data=data, store=store, stops=stops, curves=curves),
                            timeout=args.timeout, catch=[parallel.PastBudget],
-                           callbacks=[functools.partial(after_trial, curves=curves), budget])
-        except parallel.Stopped:  # the running trial was queued again with its place saved
-            pass
-
-
-def after_trial(study, trial, curves):
-    """Optuna calls this after each trial: a line of progress; the trial's TensorBoard run ends."""
-    print(report.progress_line(study, trial), flush=True)
-    curves.end(trial)
+                           callbacks=[report.print_progress, curves.end, budget])  # after each trial
 
 
 def final_test(study, args, data):
     """Retrain the winner on train + validation, then measure it ONCE on the test set."""
     best = study.best_trial
-    data = {name: tensor.to(pick_device(args.device)) for name, tensor in data.items()}
-    run = {"study": study.study_name, "trial_number": best.number, "params": best.params, "sampler": args.sampler,
-           "pruner": args.pruner, "epochs": args.epochs, "seed": best.user_attrs["seed"],
-           "data_dir": os.path.abspath(args.data_dir),
-           **{f"{split}_images": len(data[f"{split}_x"]) for split in ("train", "val", "test")}}
+    run = report.final_run(study, args, data)  # what best.json says of the study, trial and data it was made of
     if report.holds(os.path.join(args.out, "best.json"), run):
         return print(f"best.json already holds trial {best.number}'s test accuracy; nothing to retrain")
     print(f"retraining trial {best.number} on train + validation...", flush=True)
@@ -169,7 +136,7 @@ def parse_args(argv=None):
     add("--timeout", type=whole_number(1), help="seconds after which no new trial starts (default: none)")
     add("--epochs", type=whole_number(1), default=EPOCHS, help=f"epochs per trial (default: {EPOCHS})")
     add("--sampler", choices=["tpe", "random"], default=SAMPLER, help=f"(default: {SAMPLER})")
-    add("--pruner", choices=["halving", "hyperband", "median", "none"], default=PRUNER, help=f"(default: {PRUNER})")
+    add("--pruner", choices=["halving", "median", "none"], default=PRUNER, help=f"(default: {PRUNER})")
     add("--storage", help="RDB URL (default: sqlite:///OUT/study.db); postgresql://... for many machines")
     add("--study-name", default="mnist-mlp", help="(default: mnist-mlp)")
     add("--seed", type=whole_number(0), default=0, help="seeds the sampler and every trial's training (default: 0)")
@@ -178,19 +145,11 @@ def parse_args(argv=None):
     add("--out", help="output folder (default: runs/STUDY-NAME)")
     add("--artifacts", help="checkpoint folder; one all machines share, with --storage (default: OUT/artifacts)")
     add("--tensorboard", metavar="DIR", type=report.tensorboard_folder, help="curves, a run per trial (default: off)")
-    add("--cuda-graph", action=argparse.BooleanOptionalAction, default=False,
-        help="on CUDA, each training step replayed as a CUDA graph (default: off)")
+    add("--cuda-graph", action="store_true", help="on CUDA, each training step replayed as a captured graph")
     add("--workers", type=whole_number(1), default=1, help="processes on this machine (default: 1)")
     add("--heartbeat", metavar="SECONDS", type=whole_number(1), default=parallel.HEARTBEAT, help="(default: %(default)s)")
     add("--no-final", action="store_true", help="skip the final retrain and test-set score")
-    args = parser.parse_args(argv)
-    args.out = args.out or os.path.join("runs", args.study_name)
-    args.artifacts = args.artifacts or os.path.join(args.out, "artifacts")
-    for flag, folder in (("--out", args.out), ("--artifacts", args.artifacts)):
-        if problem := report.cannot_write(folder):
-            parser.error(f"{flag} {folder}: cannot write there ({problem}); pass another folder")
-    args.storage = args.storage or f"sqlite:///{os.path.join(args.out, 'study.db')}"
-    return args
+    return report.with_output_folders(parser, parser.parse_args(argv))  # --out, --artifacts, --storage filled in
 
 
 def main(argv=None):
@@ -199,8 +158,7 @@ def main(argv=None):
     with parallel.Stops() as stops:
         workers = parallel.Workers(args.workers - 1)  # started now: they import torch while this loads MNIST
         try:
-            pick_device(args.device)  # a wrong --device is told before MNIST loads
-            data = load_mnist(args.data_dir, torch.device("cpu"))  # once; each worker loads its own
+            data = load_mnist(args.data_dir, pick_device(args.device))  # once; each worker loads its own
             study = open_study(args, data)
         except (SetupError, parallel.StorageError, parallel.StudyMismatch) as error:
             print(f"tune.py: error: {error}", file=sys.stderr)
@@ -208,18 +166,14 @@ def main(argv=None):
         with stops.trials_running():
             workers.start(run_trials, args)
             run_trials(args, 0, stops, data)
-            crashed = workers.join()  # after a stop too: each queues its trial, then ends
-        if crashed:  # its trial was failed and retried here (heartbeat), or will be by the next run
-            print(f"warning: worker exit codes {crashed}: see the errors above", file=sys.stderr)
-        print(*report.summary(study), f"wrote {report.write_trials_csv(study.trials_dataframe(), args.out)}", sep="\n")
-        if stops.requested:
-            print("stopped: the running trial is queued again with its place saved; run the same command to resume")
+            workers.join()  # each ends after its trials, or at a stop; a crash is told on stderr
+        print(*report.summary(study), sep="\n")  # with "run the same command to go on" if trials wait
+        print(f"wrote {report.write_trials_csv(study.trials_dataframe(), args.out)}")  # a row per trial
+        if stops.requested:  # Ctrl-C: exit code 130, SIGTERM: 143
             sys.exit(128 + stops.signal)
         if not args.no_final and study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.COMPLETE]):
             final_test(study, args, data)
         report.save_plots(study, args.out)
-    if crashed:
-        sys.exit(1)
 
 
 if __name__ == "__main__":

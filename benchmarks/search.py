@@ -47,7 +47,7 @@ def configurations(epochs):
         "tpe+median": (tpe, lambda: optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=2)),
         "tpe+none": (tpe, optuna.pruners.NopPruner),
         # tune.py's own: TPE with successive halving from report 2 on, a third going on (halving(3))
-        "default": (lambda seed: tune.make_sampler(tune.SAMPLER, seed), lambda: tune.make_pruner(tune.PRUNER, epochs)),
+        "default": (tpe, lambda: tune.make_pruner(tune.PRUNER)),
         "random+none": (lambda seed: optuna.samplers.RandomSampler(seed=seed), optuna.pruners.NopPruner),
     }
 

@@ -32,10 +32,10 @@ def test_tiny_study_end_to_end_writes_trials_csv_then_resumes_without_training(m
     study = load(out)
     assert trials["number"].tolist() == [t.number for t in study.trials]
     assert trials["state"].tolist() == [t.state.name for t in study.trials]
-    assert trials["value"].tolist() == pytest.approx([t.value for t in study.trials])
+    assert trials["value_val_accuracy"].tolist() == pytest.approx([t.value for t in study.trials])
     assert trials["params_learning_rate"].tolist() == pytest.approx([t.params["learning_rate"] for t in study.trials])
     assert (trials["user_attrs_seed"] == 0).all() and (trials["duration"] > 0).all()  # seconds
-    assert set(trials["state"]) <= {"COMPLETE", "PRUNED"} and trials["value"].max() > 0.5
+    assert set(trials["state"]) <= {"COMPLETE", "PRUNED"} and trials["value_val_accuracy"].max() > 0.5
     assert f"best: trial {study.best_trial.number}, val_accuracy {study.best_value:.4f}" in first.stdout
     # One meaning of a value: the validation accuracy of the final weights, i.e. the last report.
     for trial in study.trials:
@@ -43,7 +43,7 @@ def test_tiny_study_end_to_end_writes_trials_csv_then_resumes_without_training(m
     # The same command again (in this process, to save a start-up) trains nothing and says so.
     tune.main(["--data-dir", mnist_dir, "--out", out, *TINY])
     assert "nothing to train" in capsys.readouterr().out
-    assert pd.read_csv(os.path.join(out, "trials.csv"))["value"].tolist() == trials["value"].tolist()
+    assert pd.read_csv(os.path.join(out, "trials.csv"))["value_val_accuracy"].tolist() == trials["value_val_accuracy"].tolist()
     # A bigger budget means "up to 6 in all", not "6 more".
     tune.main(["--data-dir", mnist_dir, "--out", out, *TINY, "--n-trials", "6"])
     assert len(pd.read_csv(os.path.join(out, "trials.csv"))) == 6
@@ -54,7 +54,7 @@ def test_same_command_in_a_fresh_folder_gives_identical_values(mnist_dir, tmp_pa
     for name in ("a", "b"):
         out = str(tmp_path / name)
         tune.main(["--data-dir", mnist_dir, "--out", out, *TINY, "--seed", "3"])
-        values.append(pd.read_csv(os.path.join(out, "trials.csv"))[["value", "params_learning_rate"]])
+        values.append(pd.read_csv(os.path.join(out, "trials.csv"))[["value_val_accuracy", "params_learning_rate"]])
     pd.testing.assert_frame_equal(values[0], values[1])
 
 
@@ -111,7 +111,7 @@ def test_timeout_starts_no_trial_after_it(mnist_dir, tmp_path):
 
 
 def test_the_default_pruner_judges_at_steps_2_and_6_and_the_best_third_goes_on():
-    study = optuna.create_study(direction="maximize", pruner=tune.make_pruner("halving", epochs=3))
+    study = optuna.create_study(direction="maximize", pruner=tune.make_pruner("halving"))
     decisions = {}
     # Each trial reports `early` at steps 0-5 and `late` at steps 6-11, as a 3-epoch trial does.
     for early, late in [(0.5, 0.5), (0.9, 0.9), (0.8, 0.8), (0.6, 0.6), (0.7, 0.7), (0.95, 0.95), (0.4, 0.4),
