@@ -35,7 +35,7 @@ from train_loop import VALIDATIONS_PER_EPOCH, load_mnist  # noqa: E402
 
 def configurations(epochs):
     """name -> (sampler(seed), pruner()): what is compared. tpe(5): 5 random start-up trials, not 10.
-    halving(F): successive halving, first rung at report 2, the best 1/F go on at each rung."""
+    halving(F): successive halving, first rung at step 2, the best 1/F go on at each rung."""
     reports = epochs * VALIDATIONS_PER_EPOCH
     tpe = lambda seed: optuna.samplers.TPESampler(seed=seed)  # noqa: E731
     tpe5 = lambda seed: optuna.samplers.TPESampler(seed=seed, n_startup_trials=5)  # noqa: E731
@@ -46,7 +46,7 @@ def configurations(epochs):
         "tpe+halving(4)": (tpe, lambda: optuna.pruners.SuccessiveHalvingPruner(min_resource=2, reduction_factor=4)),
         "tpe+median": (tpe, lambda: optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=2)),
         "tpe+none": (tpe, optuna.pruners.NopPruner),
-        # tune.py's own: TPE with successive halving from report 2 on, a third going on (halving(3))
+        # tune.py's own: TPE with successive halving from step 2 on, a third going on (halving(3))
         "default": (tpe, lambda: tune.make_pruner(tune.PRUNER)),
         "random+none": (lambda seed: optuna.samplers.RandomSampler(seed=seed), optuna.pruners.NopPruner),
     }

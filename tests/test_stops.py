@@ -37,7 +37,7 @@ def test_sigterm_mid_trial_exits_143_queues_it_and_the_same_command_goes_on_from
     out = str(tmp_path / "stopped")
     study_with(out, SLOW_TRIAL)
     process = start_tune(bigger_mnist, out, *EIGHT_EPOCHS)
-    wait_for_reports(process, out, at_least=9)  # inside epoch 3: the next report is mid-epoch
+    wait_for_reports(process, out, at_least=9)  # inside epoch 3: the next validation is mid-epoch
     os.killpg(process.pid, signal.SIGTERM)
     signalled = time.monotonic()
     code, stdout, stderr = finish(process)
