@@ -159,3 +159,14 @@ def load_or_none(out):
     except (KeyError, sqlalchemy.exc.SQLAlchemyError):  # no study yet, or tune.py is making its tables
         return []
 
+
+def hparams_session(run):
+    """What TensorBoard's HParams tab reads of a run: (its hyperparameters and state, its end status)."""
+    from tensorboard.backend.event_processing import event_accumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+    events = event_accumulator.EventAccumulator(str(run))
+    events.Reload()
+    content = events.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
+    end = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_end_info"]).session_end_info
+    return start.hparams, end.status

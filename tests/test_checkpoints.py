@@ -1,16 +1,19 @@
 """Checkpoints as Optuna artifacts (a killed trial's retry goes on exactly), a flat artifact folder,
 and TensorBoard curves read back."""
+import io
 import os
 import signal
 
 import optuna
 import pytest
+import torch
 from optuna.trial import TrialState
 
+import checkpoints
 import tune
-from train_loop import VALIDATIONS_PER_EPOCH
+from train_loop import DEFAULT_HPARAMS, VALIDATIONS_PER_EPOCH, load_mnist, seeded_model, train
 from conftest import run_script, write_mnist
-from processes import (SIX_EPOCHS, SLOW_TRIAL, assert_no_artifact_record_points_at_a_missing_file, curves, finish,
+from processes import (SIX_EPOCHS, hparams_session, SLOW_TRIAL, assert_no_artifact_record_points_at_a_missing_file, curves, finish,
                        saved_epochs, start_tune, study_with, wait_for_checkpoint)
 
 
@@ -38,7 +41,8 @@ def test_kill_9_in_epoch_3_then_the_same_command_resumes_at_epoch_3_exactly_as_t
     study = optuna.load_study(study_name="mnist-mlp", storage=f"sqlite:///{killed}/study.db")
     failed, retry = study.trials
     assert failed.state == TrialState.FAIL and retry.state == TrialState.COMPLETE
-    assert retry.user_attrs["resumed_from"] == "trial 0 after epoch 2"
+    assert retry.user_attrs["resumed_from"] == "trial 0 after epoch 2" and retry.user_attrs["retry_of"] == 0
+    assert sorted(retry.intermediate_values) == list(range(6 * VALIDATIONS_PER_EPOCH))  # its curve, from step 0
 
     study_with(str(whole), SLOW_TRIAL)
     code, _, stderr = finish(start_tune(bigger_mnist, str(whole), *flags, whole / "tb"))
@@ -48,6 +52,8 @@ def test_kill_9_in_epoch_3_then_the_same_command_resumes_at_epoch_3_exactly_as_t
     # Every step's training loss (the mean of a quarter epoch's losses: any change in any weight shows
     # there) and validation accuracy, to the last bit, in the retry's run (named by the trial it retries).
     resumed, straight = curves(killed / "tb"), curves(whole / "tb")
+    assert os.listdir(killed / "tb") == ["trial-0000"]  # one run: the trial and its retry
+    assert hparams_session(killed / "tb" / "trial-0000")[0]["state"].string_value == "COMPLETE"
     assert sorted(resumed["train_loss"]) == list(range(6 * VALIDATIONS_PER_EPOCH))
     assert resumed["train_loss"] == straight["train_loss"] and resumed["val_accuracy"] == straight["val_accuracy"]
     # No checkpoint is left but the killed attempt's: its FAIL trial names it and can no longer be changed.
@@ -66,18 +72,6 @@ def test_after_a_30_trial_study_no_checkpoint_is_left_and_none_is_named(mnist_di
     assert all("checkpoint" in t.user_attrs for t in study.get_trials(states=[TrialState.COMPLETE]))  # saved, removed
     assert_no_artifact_record_points_at_a_missing_file(study, storage, out / "artifacts")
     assert os.listdir(out / "artifacts") == []
-
-
-def hparams_session(run):
-    """What TensorBoard's HParams tab reads of a run: (its hyperparameters and state, its end status)."""
-    from tensorboard.backend.event_processing import event_accumulator
-    from tensorboard.plugins.hparams import plugin_data_pb2
-    events = event_accumulator.EventAccumulator(str(run))
-    events.Reload()
-    content = events.PluginTagToContent("hparams")
-    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
-    end = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_end_info"]).session_end_info
-    return start.hparams, end.status
 
 
 def test_tensorboard_writes_one_run_per_trial_with_its_curves_and_hyperparameters(mnist_dir, tmp_path):
@@ -102,3 +96,24 @@ def test_tensorboard_writes_one_run_per_trial_with_its_curves_and_hyperparameter
         if "nesterov" in trial.params:  # a boolean stays one, not 1.0
             assert hparams["nesterov"].WhichOneof("kind") == "bool_value"
             assert hparams["nesterov"].bool_value == trial.params["nesterov"]
+
+
+def test_checkpoints_py_lists_each_checkpoint_and_where_it_goes_on(mnist_dir, tmp_path):
+    store = optuna.artifacts.FileSystemArtifactStore(str(tmp_path))
+    hparams = dict(DEFAULT_HPARAMS, hidden_size=32, epochs=2)
+    validations = list(train(seeded_model(hparams, 0), load_mnist(mnist_dir, "cpu"), hparams))
+    for name, val in (("trial-3-a.pt", validations[3]), ("trial-4-b.pt", validations[5])):  # an epoch's end, mid-epoch
+        buffer = io.BytesIO()
+        torch.save({**val.checkpoint(), "trial": int(name.split("-")[1])}, buffer)
+        buffer.seek(0)
+        store.write(name, buffer)
+    store.write("notes.txt", io.BytesIO(b"not a checkpoint"))
+    result = run_script("checkpoints.py", tmp_path, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["notes.txt: not a checkpoint",
+                                          "trial-3-a.pt: trial 3, goes on after epoch 1",
+                                          f"trial-4-b.pt: trial 4, goes on after step 5 (epoch 2, batch "
+                                          f"{validations[5].batch})"]
+    assert checkpoints.where(torch.load(tmp_path / "trial-3-a.pt", weights_only=True)) == "epoch 1"
+    missing = run_script("checkpoints.py", tmp_path / "nowhere", cwd=tmp_path)
+    assert missing.returncode == 2 and "not a folder" in missing.stderr and "Traceback" not in missing.stderr

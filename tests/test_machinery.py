@@ -111,6 +111,26 @@ def test_a_dead_trial_past_its_retries_is_replaced_so_the_study_still_ends_at_it
     assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE]
 
 
+def test_the_pruner_counts_a_retried_trial_once():
+    def study_with_a_retried_trial(pruner):
+        study = optuna.create_study(direction="maximize", pruner=pruner)
+        x = optuna.distributions.FloatDistribution(0, 1)
+        # The killed attempt (FAIL) and its retry both carry the rung record 0.1 of one configuration.
+        for value, state in [(0.1, TrialState.FAIL), (0.1, TrialState.PRUNED), (0.5, TrialState.PRUNED),
+                             (0.4, TrialState.PRUNED), (0.3, TrialState.PRUNED)]:
+            study.add_trial(optuna.trial.create_trial(state=state, params={"x": value}, distributions={"x": x},
+                                                      intermediate_values={2: value},
+                                                      system_attrs={"completed_rung_0": value}))
+        trial = study.ask({"x": x})
+        for step in range(3):
+            trial.report(0.45, step)  # at step 2: the 2nd best of 5 configurations, but of 6 records
+        return trial.should_prune()
+
+    halving = optuna.pruners.SuccessiveHalvingPruner(min_resource=2, reduction_factor=3)
+    assert study_with_a_retried_trial(parallel.CountingRetriesOnce(halving))  # 5 compete: only the best goes on
+    assert not study_with_a_retried_trial(halving)  # Optuna alone: 6 compete, the best two go on
+
+
 def test_a_bad_storage_url_is_one_line_without_the_password():
     with pytest.raises(parallel.StorageError) as error:
         parallel.connect("postgresql://user:secret@127.0.0.1:9/none", heartbeat=10)

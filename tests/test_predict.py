@@ -186,3 +186,17 @@ def test_bad_input_is_one_line_and_exit_2(model_path, tmp_path):
     assert_usage_error(run_script("predict.py", "x.png", "--model", tmp_path / "none.pt", cwd=tmp_path), "none.pt")
     assert_usage_error(run_script("predict.py", "x.png", "--top", "11", "--model", model_path, cwd=tmp_path), "--top")
     assert os.path.exists(model_path)
+
+
+def test_a_phone_photo_rotated_by_its_exif_tag_is_read_upright(glyphs, tmp_path):
+    frames, _, _ = glyphs
+    page = page_of(frames[0], "dark ink on light paper", np.random.default_rng(5))
+    page.save(tmp_path / "upright.jpg", quality=95)
+    # A phone keeps the sensor's pixels and adds "rotate 90 degrees clockwise to view" (orientation 6).
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    page.rotate(90, expand=True).save(tmp_path / "tagged.jpg", quality=95, exif=exif)
+    _, upright = predict.prepare(str(tmp_path / "upright.jpg"))
+    _, tagged = predict.prepare(str(tmp_path / "tagged.jpg"))
+    assert np.abs(tagged - upright).mean() < 0.02  # the same digit, the same way up
+    assert np.abs(np.rot90(upright) - upright).mean() > 0.05  # (turned, it would differ)

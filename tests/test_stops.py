@@ -12,7 +12,7 @@ from optuna.trial import TrialState
 
 import checkpoints
 from conftest import write_mnist
-from processes import (SLOW_TRIAL, assert_no_artifact_record_points_at_a_missing_file, assert_stopped_cleanly,
+from processes import (SLOW_TRIAL, curves, hparams_session, assert_no_artifact_record_points_at_a_missing_file, assert_stopped_cleanly,
                        checkpoint_file, finish, load, load_or_none, processes_in_group, start_tune, storage_of,
                        study_with, wait_for_checkpoint, wait_for_reports)
 from train_loop import DEFAULT_HPARAMS, VALIDATIONS_PER_EPOCH, load_mnist, seeded_model, train
@@ -36,7 +36,8 @@ def test_sigterm_mid_trial_exits_143_queues_it_and_the_same_command_goes_on_from
         bigger_mnist, tmp_path):
     out = str(tmp_path / "stopped")
     study_with(out, SLOW_TRIAL)
-    process = start_tune(bigger_mnist, out, *EIGHT_EPOCHS)
+    logs = tmp_path / "tb"
+    process = start_tune(bigger_mnist, out, *EIGHT_EPOCHS, "--tensorboard", logs)
     wait_for_reports(process, out, at_least=9)  # inside epoch 3: the next validation is mid-epoch
     os.killpg(process.pid, signal.SIGTERM)
     signalled = time.monotonic()
@@ -48,10 +49,14 @@ def test_sigterm_mid_trial_exits_143_queues_it_and_the_same_command_goes_on_from
     assert stopped.state == TrialState.WAITING  # not RUNNING: nothing to wait for
     last_report = max(stopped.intermediate_values)
 
-    code, stdout, stderr = finish(start_tune(bigger_mnist, out, *EIGHT_EPOCHS))  # the same command
+    code, stdout, stderr = finish(start_tune(bigger_mnist, out, *EIGHT_EPOCHS, "--tensorboard", logs))  # the same
     assert code == 0 and "waiting for" not in stdout, stderr
     [resumed] = load(storage_of(out)).trials
     assert resumed.state == TrialState.COMPLETE and sorted(resumed.intermediate_values) == list(range(32))
+    # TensorBoard: one run, every step once, ending as the trial did (COMPLETE, not stopped).
+    assert os.listdir(logs) == ["trial-0000"]
+    assert curves(logs)["val_accuracy"] == pytest.approx(resumed.intermediate_values)
+    assert hparams_session(logs / "trial-0000")[0]["state"].string_value == "COMPLETE"
     # It went on from the report it stopped at; a report inside an epoch, unless the stop came late.
     epoch, quarter = divmod(last_report + 1, VALIDATIONS_PER_EPOCH)
     assert resumed.user_attrs["resumed_from"].startswith(
