@@ -87,6 +87,7 @@ def retry_stale_trial(study, trial):
     queues it again, with its reports (the retry's curve runs from step 0) and its user attributes,
     to which `retry_of` is added: the number of the trial that first ran this configuration."""
     trial.user_attrs["retry_of"] = trial.user_attrs.get("retry_of", trial.number)  # a copy: only the retry has it
+    trial.system_attrs["fixed_params"] = trial.params  # what a dashboard shows while it waits
     optuna.storages.RetryHeartbeatStaleTrialCallback(MAX_RETRY, inherit_intermediate_values=True)(study, trial)
 
 
@@ -268,9 +269,10 @@ class Stops:
         and goes on where it stopped: a stop is not a crash, and uses none of the trial's MAX_RETRY.
         Returns the Stopped to raise."""
         storage = trial.storage
-        study_id = storage.get_study_id_from_name(trial.study.study_name)
-        storage.set_trial_state_values(storage.get_trial_id_from_study_id_trial_number(study_id, trial.number),
-                                       state=TrialState.WAITING)
+        trial_id = storage.get_trial_id_from_study_id_trial_number(
+            storage.get_study_id_from_name(trial.study.study_name), trial.number)
+        storage.set_trial_system_attr(trial_id, "fixed_params", trial.params)  # what a dashboard shows as it waits
+        storage.set_trial_state_values(trial_id, state=TrialState.WAITING)
         return Stopped(f"trial {trial.number} queued again")
 
 

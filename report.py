@@ -1,4 +1,5 @@
-"""What a study leaves for people to look at: trials.csv, a summary, and four PNG plots.
+"""What a study leaves for people to look at: trials.csv, a summary, PNG plots, TensorBoard runs, and
+the artifacts optuna-dashboard shows.
 
     python report.py runs/mnist-mlp                  # redraw from runs/mnist-mlp/study.db
     python report.py runs/mnist-mlp --storage postgresql://user:password@host/optuna
@@ -9,6 +10,7 @@ is still running elsewhere (on other workers or machines) without touching it: i
 import argparse
 import importlib.util
 import json
+import math
 import os
 import sys
 import warnings
@@ -62,14 +64,62 @@ def final_run(study, args, data):
             **{f"{split}_images": len(data[f"{split}_x"]) for split in ("train", "val", "test")}}
 
 
-def save_final(out, model_state, result):
-    """best_model.pt (for predict.py: weights on the CPU and the hparams) and best.json with the
-    versions that made it, each written whole or not at all."""
+def save_final(out, model, hparams, result, data):
+    """best_model.pt (for predict.py: weights on the CPU and the hparams), best.json with the versions
+    that made it, each written whole or not at all; and final_model.png, the model at work."""
     import torch  # here: only the final test needs it, and it takes seconds to import
     result = {**result, "torch": torch.__version__, "optuna": optuna.__version__}
-    state = {**model_state, "state_dict": {k: v.cpu() for k, v in model_state["state_dict"].items()}}
+    state = {"state_dict": {k: v.cpu() for k, v in model.state_dict().items()}, "hparams": hparams}
     replace_atomically(os.path.join(out, "best_model.pt"), lambda tmp: torch.save(state, tmp))
     replace_atomically(os.path.join(out, "best.json"), lambda tmp: write_text(tmp, json.dumps(result, indent=2)))
+    with torch.inference_mode():
+        guesses = model.eval()(data["test_x"]).argmax(dim=1).cpu()
+    figure = final_model_picture(data["test_x"].cpu(), data["test_y"].cpu(), guesses, result)
+    replace_atomically(os.path.join(out, "final_model.png"), lambda tmp: figure.savefig(tmp, dpi=100, format="png"))
+    pyplot().close(figure)
+
+
+def final_model_picture(images, labels, guesses, result):
+    """The test digits the final model gets wrong, each with its guess, beside its confusion matrix."""
+    plt = pyplot()
+    figure = plt.figure(figsize=(12, 6))
+    wrong = (guesses != labels).nonzero().flatten()[:40].tolist()
+    for place, index in enumerate(wrong):
+        ax = figure.add_subplot(5, 16, place // 8 * 16 + place % 8 + 1)
+        ax.imshow(images[index].view(28, 28), cmap="gray_r")
+        ax.set_title(f"{labels[index].item()} as {guesses[index].item()}", fontsize=8, color="tab:red")
+        ax.axis("off")
+    confusion = [[int(((labels == true) & (guesses == guess)).sum()) for guess in range(10)] for true in range(10)]
+    ax = figure.add_subplot(1, 2, 2)
+    ax.imshow([[value ** 0.5 for value in row] for row in confusion], cmap="Blues")
+    for true, row in enumerate(confusion):
+        for guess, value in enumerate(row):
+            ax.text(guess, true, value, ha="center", va="center", fontsize=7, color="white" if true == guess else "black")
+    ax.set(xticks=range(10), yticks=range(10), xlabel="guessed", ylabel="true digit",
+           title=f"trial {result['trial_number']} retrained: test accuracy {result['test_accuracy']:.4f}")
+    figure.suptitle(f"{len(wrong)} of {int((guesses != labels).sum())} test digits it gets wrong (true as guessed)")
+    return figure
+
+
+def publish(study, out, artifacts):
+    """Draw the plots; then record the study's files (trials.csv, plots, best.json, best_model.pt,
+    final_model.png) as Optuna artifacts of the study, which optuna-dashboard lists and shows. A file
+    is recorded once: again only when its bytes changed (Optuna cannot delete a record, so every
+    record's file stays). Finished trials cannot be given artifacts (Optuna: UpdateFinishedTrialError),
+    so the final model is the study's, named by its trial in best.json."""
+    save_plots(study, out)
+    store = optuna.artifacts.FileSystemArtifactStore(artifacts)
+    recorded = {}  # file name -> the bytes of its latest record
+    for meta in optuna.artifacts.get_all_artifact_meta(study):
+        with store.open_reader(meta.artifact_id) as reader:
+            recorded[meta.filename] = reader.read()
+    for name in ["trials.csv", *PLOTS, "best.json", "best_model.pt", "final_model.png"]:
+        path = os.path.join(out, name)
+        if os.path.exists(path):
+            with open(path, "rb") as file:
+                if file.read() != recorded.get(name):
+                    optuna.artifacts.upload_artifact(study_or_trial=study, file_path=path, artifact_store=store,
+                                                     mimetype="application/octet-stream" if name.endswith(".pt") else None)
 
 
 def tensorboard_folder(folder):
@@ -169,14 +219,14 @@ class TrialCurves:
         """A study.optimize callback: the finished trial's HParams session,
         with its hyperparameters as they are typed (TensorBoard's own hparams_pb: booleans stay
         booleans) and its true final state; status SUCCESS for a COMPLETE trial, FAILURE otherwise."""
-        if self.folder is None or not trial.intermediate_values:  # not trained (past the budget)
+        if self.folder is None or not trial.params:  # not trained: past the budget
             return
         from tensorboard.compat.proto.summary_pb2 import Summary
         from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2, summary_v2
         writer = self.writer(trial)
-        value = trial.value if trial.value is not None else trial.intermediate_values[trial.last_step]
+        value = trial.value if trial.value is not None else trial.intermediate_values.get(trial.last_step, math.nan)
         writer.file_writer.add_summary(summary_v2.hparams_pb({**trial.params, "state": trial.state.name}))
-        writer.add_scalar("hparam/val_accuracy", value, trial.last_step)
+        writer.add_scalar("hparam/val_accuracy", value, trial.last_step or 0)
         end = plugin_data_pb2.HParamsPluginData(session_end_info=plugin_data_pb2.SessionEndInfo(
             status=api_pb2.STATUS_SUCCESS if trial.state == TrialState.COMPLETE else api_pb2.STATUS_FAILURE))
         writer.file_writer.add_summary(Summary(value=[Summary.Value(
@@ -213,7 +263,10 @@ def optimization_history(study):
 
 
 def param_importances(study):
-    return optuna_plots().plot_param_importances(study)
+    # Parameters in name order: with few trials importances tie, and ties came in an order that
+    # Python's string hashing changes from run to run, so each redraw was another picture.
+    trials = study.get_trials(deepcopy=False, states=[TrialState.COMPLETE])
+    return optuna_plots().plot_param_importances(study, params=sorted(optuna.search_space.intersection_search_space(trials)))
 
 
 def intermediate_values(study):

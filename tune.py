@@ -124,8 +124,8 @@ def final_test(study, args, data):
     except FloatingPointError as error:  # exit 1, the message on stderr; the study and trials.csv stay
         sys.exit(f"tune.py: the retrain of trial {best.number} diverged ({error}); best.json is not written")
     test_accuracy = evaluate(model, data["test_x"], data["test_y"])
-    report.save_final(args.out, {"state_dict": model.state_dict(), "hparams": hparams},
-                      {**run, "val_accuracy": best.value, "test_accuracy": test_accuracy})
+    report.save_final(args.out, model, hparams, {**run, "val_accuracy": best.value, "test_accuracy": test_accuracy},
+                      data)  # best_model.pt, best.json, and final_model.png: the model at work
     print(f"trial {best.number}: val_accuracy {best.value:.4f}, test_accuracy {test_accuracy:.4f} (test set, once)")
 
 
@@ -173,7 +173,7 @@ def main(argv=None):
             sys.exit(128 + stops.signal)
         if not args.no_final and study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.COMPLETE]):
             final_test(study, args, data)
-        report.save_plots(study, args.out)
+        report.publish(study, args.out, args.artifacts)  # plots; the study's files as the dashboard's artifacts
 
 
 if __name__ == "__main__":

@@ -36,8 +36,8 @@ MUTATIONS = {
         "report.py", "    return all(saved.get(name) == value for name, value in fields.items())", "    return True",
         ["tests/test_tune.py", "-k", "best_json"]),
     "a stopped trial marked FAIL instead of queued again": (
-        "parallel.py", "                                       state=TrialState.WAITING)",
-        "                                       state=TrialState.FAIL)",
+        "parallel.py", "        storage.set_trial_state_values(trial_id, state=TrialState.WAITING)",
+        "        storage.set_trial_state_values(trial_id, state=TrialState.FAIL)",
         ["tests/test_parallel.py", "-k", "ctrl_c_with_two_workers"]),
     "pixels not normalised": (
         "train_loop.py", '        data[f"{name}_x"], data[f"{name}_y"] = (pixels / 255 - MNIST_MEAN) / MNIST_STD, labels[index].to(device)',

@@ -127,16 +127,17 @@ def storage_of(out):
     return f"sqlite:///{out}/study.db"
 
 
-def wait_for_reports(process, out, at_least, timeout=120):
-    """Poll until trial 0 has reported at least `at_least` times; return how many it has."""
+def wait_for_reports(process, out, at_least, timeout=120, number=0):
+    """Poll until trial `number` runs and has reported at least `at_least` times; return how many it has."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert process.poll() is None, process.communicate()
         trials = load_or_none(out)
-        if trials and len(trials[0].intermediate_values) >= at_least:
-            return len(trials[0].intermediate_values)
+        if len(trials) > number and trials[number].state == TrialState.RUNNING and \
+                len(trials[number].intermediate_values) >= at_least:
+            return len(trials[number].intermediate_values)
         time.sleep(0.02)
-    raise AssertionError(f"trial 0 did not report {at_least} times in time")
+    raise AssertionError(f"trial {number} did not report {at_least} times in time")
 
 
 def processes_in_group(pgid):

@@ -9,7 +9,7 @@ import pytest
 from optuna.trial import TrialState
 
 import tune
-from conftest import assert_usage_error, fingerprint, run_script, write_mnist
+from conftest import ROOT, assert_usage_error, fingerprint, run_script, write_mnist
 from train_loop import seeded_model, sgd_with_schedule
 
 TINY = ["--n-trials", "4", "--epochs", "1", "--device", "cpu", "--no-final"]
@@ -192,3 +192,10 @@ def study_distributions():
     trial = study.ask()
     tune.suggest_hparams(trial, epochs=1)
     return trial.distributions
+
+
+def test_the_readme_quotes_the_objective_and_create_study_as_they_are_in_tune_py():
+    readme, code = (open(os.path.join(ROOT, name)).read() for name in ("README.md", "tune.py"))
+    for start in ("def objective(", "study = optuna.create_study("):
+        block = start + readme.split("```python\n" + start, 1)[1].split("```", 1)[0]
+        assert " ".join(block.split()) in " ".join(code.split()), start  # the same words, whatever the indentation
