@@ -28,6 +28,7 @@ import sys
 import threading
 import time
 import warnings
+import weakref
 
 import optuna
 import sqlalchemy
@@ -46,6 +47,9 @@ GRACE = 3             # heartbeats a trial may miss before it is failed and retr
 MAX_RETRY = 2         # how often a dead process's trial is given again
 SQLITE_WAIT = 60      # seconds a SQLite write waits for another process's lock
 # ------------------------------------------------------------------------------------
+
+
+ENGINES = weakref.WeakSet()  # the databases this process opened
 
 
 class StorageError(Exception):
@@ -68,6 +72,7 @@ def connect(url, heartbeat):
                 heartbeat_stale_trial_callback=retry_stale_trial)
             if storage.engine.dialect.name == "sqlite":
                 lock_sqlite_writes_up_front(storage.engine)
+            ENGINES.add(storage.engine)  # closed by exit_at_once()
             return storage
         except ImportError:  # Optuna's "Failed to import DB access module"
             raise StorageError(f"--storage {safe_url}: this database's Python driver is missing; for PostgreSQL: "
@@ -330,7 +335,7 @@ def worker_main(worker, pipe):
         return
     threading.Thread(target=stop_when_orphaned, args=(parent,), daemon=True).start()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    with Stops() as stops, stops.trials_running():  # SIGTERM only: Ctrl-C reaches workers through their parent
+    with exit_at_once(), Stops() as stops, stops.trials_running():  # SIGTERM only: Ctrl-C comes via the parent
         target(*args, worker=worker, stops=stops)
 
 
@@ -340,3 +345,24 @@ def stop_when_orphaned(parent):
     while os.getppid() == parent:
         time.sleep(1)
     os.kill(os.getpid(), signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def exit_at_once():
+    """Around a process's main work: when it ends (or calls sys.exit), flush what was printed, close the
+    databases (SQLite then folds its log back into the database file) and end the process there,
+    without the interpreter's teardown, which frees torch's thousands of objects one by one: a second
+    or more after the last line. An error other than SystemExit goes on as usual, with its traceback."""
+    try:
+        yield
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    if isinstance(code, str):  # sys.exit("message"): Python prints it and exits with 1
+        print(code, file=sys.stderr)
+        code = 1
+    for engine in list(ENGINES):
+        engine.dispose()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)

@@ -107,7 +107,7 @@ def publish(study, out, artifacts):
     is recorded once: again only when its bytes changed (Optuna cannot delete a record, so every
     record's file stays). Finished trials cannot be given artifacts (Optuna: UpdateFinishedTrialError),
     so the final model is the study's, named by its trial in best.json."""
-    save_plots(study, out)
+    plots = save_plots(study, out)
     store = optuna.artifacts.FileSystemArtifactStore(artifacts)
     recorded = {}  # file name -> the bytes of its latest record
     for meta in optuna.artifacts.get_all_artifact_meta(study):
@@ -120,6 +120,9 @@ def publish(study, out, artifacts):
                 if file.read() != recorded.get(name):
                     optuna.artifacts.upload_artifact(study_or_trial=study, file_path=path, artifact_store=store,
                                                      mimetype="application/octet-stream" if name.endswith(".pt") else None)
+                    recorded[name] = "new"
+    print(f"drew {len(plots)} plots; {sum(value == 'new' for value in recorded.values())} files newly recorded as "
+          f"the study's artifacts (optuna-dashboard --artifact-dir {artifacts})", flush=True)
 
 
 def tensorboard_folder(folder):

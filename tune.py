@@ -177,4 +177,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    with parallel.exit_at_once():  # once all is written and flushed: no second of tearing torch down
+        main()
