@@ -141,7 +141,7 @@ def train(model, data, hparams, resume=None, cuda_graph=False):
 
     if cuda_graph and device.type == "cuda":
         from cuda_graph import CapturedStep  # only for a captured run on CUDA
-        sgd_step = CapturedStep(sgd_step, optimizer)
+        sgd_step = CapturedStep(sgd_step, optimizer, device)
     for epoch in range(first_epoch, hparams["epochs"]):
         # One shuffled copy per epoch: each minibatch is a slice. Resumed inside an epoch: that epoch's order.
         order = order.to(device) if first_batch else torch.randperm(len(train_x), device=device)

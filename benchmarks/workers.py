@@ -34,25 +34,20 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from train_loop import DEFAULT_HPARAMS, MNIST_FILES, SetupError, load_mnist, seeded_model, train  # noqa: E402
+from train_loop import DEFAULT_HPARAMS, MNIST_FILES, SetupError, load_mnist, read_idx, seeded_model, train  # noqa: E402
 
 
 def repeat_training_images(data_dir, n_train, folder):
-    """A copy of DATA_DIR/MNIST/raw (uncompressed IDX files, as torchvision leaves them) in `folder`
-    whose training set goes round its images until it holds n_train."""
+    """A copy of DATA_DIR/MNIST/raw (its files plain or .gz) in `folder`, uncompressed, whose training
+    set goes round its images until it holds n_train."""
     source, target = os.path.join(data_dir, "MNIST", "raw"), os.path.join(folder, "MNIST", "raw")
     os.makedirs(target)
     for name in MNIST_FILES:
-        with open(os.path.join(source, name), "rb") as file:
-            idx = file.read()
-        if name.startswith("train"):  # IDX: magic, count, then (images) rows and columns, then the bytes
-            header = 16 if "images" in name else 8
-            count = struct.unpack(">I", idx[4:8])[0]
-            item_bytes = (len(idx) - header) // count
-            body = idx[header:] * (n_train // count + 1)
-            idx = idx[:4] + struct.pack(">I", n_train) + idx[8:header] + body[:n_train * item_bytes]
-        with open(os.path.join(target, name), "wb") as file:
-            file.write(idx)
+        array = read_idx(source, name)
+        if name.startswith("train"):
+            array = array.repeat(n_train // len(array) + 1, *[1] * (array.dim() - 1))[:n_train]
+        with open(os.path.join(target, name), "wb") as file:  # IDX: zeros, type 8 (bytes), dimensions, sizes
+            file.write(struct.pack(f">HBB{array.dim()}I", 0, 8, array.dim(), *array.shape) + array.numpy().tobytes())
     return folder
 
 
@@ -118,8 +113,8 @@ def main():
             if args.train_images:
                 args.data_dir = repeat_training_images(args.data_dir, args.train_images, os.path.join(folder, "data"))
             data = load_mnist(args.data_dir, torch.device("cpu"), download=False)
-        except (OSError, struct.error, SetupError) as error:
-            sys.exit(f"workers.py: {error}; --data-dir needs MNIST/raw with the four uncompressed IDX files")
+        except (OSError, ValueError, struct.error, SetupError) as error:
+            sys.exit(f"workers.py: {error}; --data-dir needs MNIST/raw with the four IDX files (plain or .gz)")
         print(f"{os.cpu_count()} CPUs; {args.n_trials} trials x {args.epochs} epochs of the default search space; "
               f"{len(data['train_x'])} train + {len(data['val_x'])} validation images"
               f"{' (repeated)' if args.train_images else ''}")

@@ -1,0 +1,50 @@
+"""benchmarks/gpu_check.sh on a machine without a GPU, or without its packages: it parses, says in one
+line what is missing, and its table comes even when a part fails or runs past the deadline."""
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT
+
+SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_check.sh")
+
+
+def run(*argv, python=sys.executable, timeout=120):
+    return subprocess.run(["bash", SCRIPT, *map(str, argv)], cwd=ROOT, env=dict(os.environ, PYTHON=str(python)),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_the_script_parses():
+    assert subprocess.run(["bash", "-n", SCRIPT]).returncode == 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_without_a_gpu_it_says_so_in_one_line(mnist_dir):
+    result = run(mnist_dir)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.strip().splitlines() == [
+        "gpu_check.sh: no CUDA GPU here (torch.cuda.is_available() is False): nothing to check"]
+
+
+def test_without_its_packages_it_names_them_and_how_to_install(mnist_dir, tmp_path):
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", tmp_path / "bare"], check=True)
+    result = run(mnist_dir, python=tmp_path / "bare" / "bin" / "python")
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "lacks torch optuna SQLAlchemy alembic Mako colorlog pandas matplotlib pytest" in result.stderr
+    assert "pip install -r requirements-test.txt" in result.stderr
+
+
+def test_the_table_comes_when_a_part_fails_or_runs_past_the_deadline(mnist_dir):
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--data-dir", mnist_dir, "--only", "speed",
+                             "studies", "workers", "--deadline", "25"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert time.monotonic() - start < 40 and result.returncode == 1
+    table = result.stdout.split("\n\n")[-1].splitlines()[1:]
+    assert table[0].startswith("speed") and ("FAILED" in table[0] or "cut short" in table[0]) or torch.cuda.is_available()
+    assert any("cut short" in line or "not run: the deadline came first" in line for line in table), result.stdout
+    assert table[-1].startswith("workers")  # every part has its row
