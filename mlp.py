@@ -6,19 +6,7 @@ MLP(in_size, hidden_size, out_size, layer_size, dropout) stacks `layer_size` hid
 Linear -> ReLU -> Dropout, each `hidden_size` wide, then one Linear to `out_size` logits.
 No softmax at the end: F.cross_entropy wants raw logits, and argmax does not need probabilities.
 """
-import torch
 import torch.nn as nn
-
-
-class Dropout(nn.Dropout):
-    """nn.Dropout, its mask drawn with rand_like on a CPU: there bernoulli_, which F.dropout uses, costs
-    twice as much at these sizes (benchmarks/profile_step.py). The same in expectation; other random
-    numbers. On a GPU, F.dropout's one fused kernel is the faster."""
-
-    def forward(self, x):
-        if not self.training or self.p == 0 or x.device.type != "cpu":
-            return super().forward(x)
-        return x * torch.rand_like(x).gt_(self.p).mul_(1 / (1 - self.p))
 
 
 class MLP(nn.Module):
@@ -27,7 +15,7 @@ class MLP(nn.Module):
         blocks = []
         width = in_size
         for _ in range(layer_size):
-            blocks += [nn.Linear(width, hidden_size), nn.ReLU(), Dropout(dropout)]
+            blocks += [nn.Linear(width, hidden_size), nn.ReLU(), nn.Dropout(dropout)]
             width = hidden_size
         blocks.append(nn.Linear(width, out_size))
         self.layers = nn.Sequential(*blocks)

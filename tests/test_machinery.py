@@ -146,7 +146,9 @@ def test_parallel_imports_neither_tune_nor_torch():
 
 @pytest.mark.parametrize("script", ["garden.py", "train_loop.py", "tune.py", "report.py", "predict.py", "checkpoints.py",
                                     "benchmarks/search.py", "benchmarks/soak.py", "benchmarks/workers.py",
-                                    "benchmarks/train_speed.py", "benchmarks/profile_step.py"])
+                                    "benchmarks/train_speed.py", "benchmarks/profile_step.py", "benchmarks/phases.py",
+                                    "benchmarks/gpu_check.py", "benchmarks/handwriting.py",
+                                    "tests/mutations.py"])
 def test_every_script_answers_help(script):
     result = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"], cwd=ROOT,
                             capture_output=True, text=True)
