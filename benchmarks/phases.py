@@ -55,7 +55,7 @@ def one_run(tree, data_dir, out):
               "between": sum((b.datetime_start - a.datetime_complete).total_seconds() for a, b in zip(trials, trials[1:])),
               "end": last_line - started_clock - since_start(trials[-1].datetime_complete),
               "exit": ended - last_line, "wall": ended - started_clock}
-    files = sorted(name for name in os.listdir(out) if name not in ("artifacts", "study.db"))
+    files = sorted(name for name in os.listdir(out) if not name.startswith("study.db") and name != "artifacts")
     return phases, [t.state.name for t in trials], files
 
 
