@@ -40,6 +40,10 @@ def finish(process, timeout=240):
 
 
 def load(storage, name="mnist-mlp"):
+    """The study, read through connections closed after each query: tests poll a study hundreds of
+    times, and each open connection would hold a SQLite file handle until the process ends."""
+    if storage.startswith("sqlite"):
+        storage = optuna.storages.RDBStorage(storage, engine_kwargs={"poolclass": sqlalchemy.pool.NullPool})
     return optuna.load_study(study_name=name, storage=storage)
 
 

@@ -29,16 +29,20 @@ class Dashboard:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
+        self.log = open(os.path.join(out, "dashboard.log"), "w")  # its requests: read only if it fails
         self.process = subprocess.Popen([DASHBOARD, storage_of(out), "--artifact-dir", os.path.join(out, "artifacts"),
                                          "--host", "127.0.0.1", "--port", str(self.port), "--quiet"],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                        stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
         while True:
             try:
                 self.get("/api/meta")
                 return
-            except OSError:
-                assert self.process.poll() is None and time.monotonic() < deadline, self.process.stderr.read()
+            except OSError as error:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.close()
+                    raise AssertionError(f"optuna-dashboard did not answer ({error}): "
+                                         f"{open(self.log.name).read()[-2000:]}") from None
                 time.sleep(0.2)
 
     def get(self, path):
@@ -51,8 +55,9 @@ class Dashboard:
         return study["study_id"], json.loads(self.get(f"/api/studies/{study['study_id']}"))
 
     def close(self):
-        self.process.send_signal(signal.SIGTERM)
+        self.process.kill()
         self.process.wait(timeout=30)
+        self.log.close()
 
 
 def test_the_dashboard_shows_the_metric_whole_curves_waiting_parameters_and_every_artifact(tmp_path):
