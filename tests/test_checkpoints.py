@@ -57,7 +57,7 @@ def test_kill_9_in_epoch_3_then_the_same_command_resumes_at_epoch_3_exactly_as_t
     assert sorted(resumed["train_loss"]) == list(range(6 * VALIDATIONS_PER_EPOCH))
     assert resumed["train_loss"] == straight["train_loss"] and resumed["val_accuracy"] == straight["val_accuracy"]
     # No checkpoint is left but the killed attempt's: its FAIL trial names it and can no longer be changed.
-    assert os.listdir(killed / "artifacts") == [dead_checkpoint] and retry.user_attrs["checkpoint"] is None
+    assert checkpoint_files(killed / "artifacts") == [dead_checkpoint] and retry.user_attrs["checkpoint"] is None
 
 
 def test_after_a_30_trial_study_no_checkpoint_is_left_and_none_is_named(mnist_dir, tmp_path):
@@ -71,7 +71,14 @@ def test_after_a_30_trial_study_no_checkpoint_is_left_and_none_is_named(mnist_di
     assert all(t.user_attrs.get("checkpoint") is None for t in study.trials)
     assert all("checkpoint" in t.user_attrs for t in study.get_trials(states=[TrialState.COMPLETE]))  # saved, removed
     assert_no_artifact_record_points_at_a_missing_file(study, storage, out / "artifacts")
-    assert os.listdir(out / "artifacts") == []
+    assert checkpoint_files(out / "artifacts") == []
+    recorded = {meta.artifact_id for meta in optuna.artifacts.get_all_artifact_meta(study)}
+    assert set(os.listdir(out / "artifacts")) == recorded  # the rest: the study's files, for the dashboard
+
+
+def checkpoint_files(folder):
+    """Checkpoints are named trial-N-...; the study's recorded artifacts have Optuna's own ids."""
+    return sorted(name for name in os.listdir(folder) if name.startswith("trial-"))
 
 
 def test_tensorboard_writes_one_run_per_trial_with_its_curves_and_hyperparameters(mnist_dir, tmp_path):
