@@ -16,6 +16,7 @@ import sys
 import warnings
 
 import optuna
+from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.trial import TrialState
 
 # Optuna marks its matplotlib plots experimental: the warning says nothing about our data.
@@ -111,8 +112,11 @@ def publish(study, out, artifacts):
     store = optuna.artifacts.FileSystemArtifactStore(artifacts)
     recorded = {}  # file name -> the bytes of its latest record
     for meta in optuna.artifacts.get_all_artifact_meta(study):
-        with store.open_reader(meta.artifact_id) as reader:
-            recorded[meta.filename] = reader.read()
+        try:
+            with store.open_reader(meta.artifact_id) as reader:
+                recorded[meta.filename] = reader.read()
+        except ArtifactNotFound:  # another machine's, in its own --artifacts folder: share one (README)
+            pass
     for name in ["trials.csv", *PLOTS, "best.json", "best_model.pt", "final_model.png"]:
         path = os.path.join(out, name)
         if os.path.exists(path):

@@ -103,8 +103,7 @@ def run_trials(args, worker, stops, data=None):
     data = data or load_mnist(args.data_dir, pick_device(args.device, worker))  # several GPUs: one each
     study, store = open_study(args, data, worker), optuna.artifacts.FileSystemArtifactStore(args.artifacts)
     budget = parallel.Budget(args.n_trials, stops)  # waits for trials running elsewhere, then stops the study
-    # parallel.Stopped leaves study.optimize once the running trial is queued again with its place saved.
-    with report.TrialCurves(args.tensorboard) as curves, contextlib.suppress(parallel.Stopped):
+    with report.TrialCurves(args.tensorboard) as curves, contextlib.suppress(parallel.Stopped):  # a stop: queued
         if budget.trials_left(study):
             study.optimize(functools.partial(objective, args=args, data=data, store=store, stops=stops, curves=curves),
                            timeout=args.timeout, catch=[parallel.PastBudget],

@@ -48,3 +48,16 @@ def test_the_table_comes_when_a_part_fails_or_runs_past_the_deadline(mnist_dir):
     assert table[0].startswith("speed") and ("FAILED" in table[0] or "cut short" in table[0]) or torch.cuda.is_available()
     assert any("cut short" in line or "not run: the deadline came first" in line for line in table), result.stdout
     assert table[-1].startswith("workers")  # every part has its row
+
+
+def test_every_step_of_a_captured_run_reads_its_rate_as_one_float32_tensor():
+    import cuda_graph
+    from train_loop import DEFAULT_HPARAMS, seeded_model, sgd_with_schedule
+    optimizer, schedule = sgd_with_schedule(seeded_model(DEFAULT_HPARAMS, 0), DEFAULT_HPARAMS, total_batches=10)
+    schedule.step()
+    captured = cuda_graph.CapturedStep(None, optimizer, torch.device("cpu"))  # a CPU tensor stands in for the GPU's
+    with captured.rate_from_tensor():
+        [group] = optimizer.param_groups
+        assert group["lr"] is captured.lr and captured.lr.dtype == torch.float32
+        assert captured.lr.item() == torch.tensor(schedule.get_last_lr()[0], dtype=torch.float32).item()
+    assert optimizer.param_groups[0]["lr"] == schedule.get_last_lr()[0] == pytest.approx(0.045)  # a number again
