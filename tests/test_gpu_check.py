@@ -61,3 +61,20 @@ def test_every_step_of_a_captured_run_reads_its_rate_as_one_float32_tensor():
         assert group["lr"] is captured.lr and captured.lr.dtype == torch.float32
         assert captured.lr.item() == torch.tensor(schedule.get_last_lr()[0], dtype=torch.float32).item()
     assert optimizer.param_groups[0]["lr"] == schedule.get_last_lr()[0] == pytest.approx(0.045)  # a number again
+
+
+def test_the_60000_image_copy_reads_a_gzipped_folder(mnist_dir, tmp_path):
+    import gzip
+    import shutil
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from train_loop import MNIST_FILES, load_mnist
+    from workers import repeat_training_images
+    raw = tmp_path / "gz" / "MNIST" / "raw"
+    os.makedirs(raw)
+    for name in MNIST_FILES:  # MNIST as downloaded: .gz files
+        with open(os.path.join(mnist_dir, "MNIST", "raw", name), "rb") as plain, gzip.open(raw / f"{name}.gz", "wb") as packed:
+            shutil.copyfileobj(plain, packed)
+    copy = repeat_training_images(str(tmp_path / "gz"), 1500, str(tmp_path / "copy"))
+    data, original = load_mnist(copy, "cpu", download=False), load_mnist(mnist_dir, "cpu", download=False)
+    assert len(data["train_x"]) + len(data["val_x"]) == 1500 and torch.equal(data["test_x"], original["test_x"])
