@@ -34,7 +34,7 @@ def optimize(study, objective, n_trials, stops):
     budget = parallel.Budget(n_trials, stops)
     if budget.trials_left(study):
         try:
-            study.optimize(objective, callbacks=[budget], catch=[parallel.PastBudget])
+            study.optimize(objective, callbacks=[budget], catch=[parallel.PastBudget], timeout=60)  # never forever
         except parallel.Stopped:
             pass
 
