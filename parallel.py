@@ -318,13 +318,12 @@ class Workers:
                 pipe.send((target, args))
 
     def join(self):
-        """Wait for every worker to end; return the exit codes of those that failed, which it tells on stderr."""
+        """Wait for every worker to end; tell on stderr the exit codes of those that failed."""
         for process in self.processes:
             process.join()
         crashed = [process.exitcode for process in self.processes if process.exitcode]
         if crashed:  # a dead worker's trial is retried by another process (heartbeats), or by the next run
             print(f"warning: workers exited with {crashed}: see the errors above", file=sys.stderr)
-        return crashed
 
 
 def worker_main(worker, pipe):

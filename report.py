@@ -51,8 +51,13 @@ def with_output_folders(parser, args):
     for flag, folder in (("--out", args.out), ("--artifacts", args.artifacts)):
         if problem := cannot_write(folder):
             parser.error(f"{flag} {folder}: cannot write there ({problem}); pass another folder")
-    args.storage = args.storage or f"sqlite:///{os.path.join(args.out, 'study.db')}"
+    args.storage = args.storage or sqlite_storage(args.out)
     return args
+
+
+def sqlite_storage(out):
+    """The storage a study uses unless --storage says otherwise: SQLite, in its output folder."""
+    return f"sqlite:///{os.path.join(out, 'study.db')}"
 
 
 def final_run(study, args, data):
@@ -110,7 +115,7 @@ def publish(study, out, artifacts):
     so the final model is the study's, named by its trial in best.json."""
     plots = save_plots(study, out)
     store = optuna.artifacts.FileSystemArtifactStore(artifacts)
-    recorded = {}  # file name -> the bytes of its latest record
+    recorded, newly = {}, []  # file name -> the bytes of its latest record; the names recorded now
     for meta in optuna.artifacts.get_all_artifact_meta(study):
         try:
             with store.open_reader(meta.artifact_id) as reader:
@@ -124,8 +129,8 @@ def publish(study, out, artifacts):
                 if file.read() != recorded.get(name):
                     optuna.artifacts.upload_artifact(study_or_trial=study, file_path=path, artifact_store=store,
                                                      mimetype="application/octet-stream" if name.endswith(".pt") else None)
-                    recorded[name] = "new"
-    print(f"drew {len(plots)} plots; {sum(value == 'new' for value in recorded.values())} files newly recorded as "
+                    newly.append(name)
+    print(f"drew {len(plots)} plots; {len(newly)} files newly recorded as "
           f"the study's artifacts (optuna-dashboard --artifact-dir {artifacts})", flush=True)
 
 
@@ -209,7 +214,7 @@ class TrialCurves:
     def writer(self, trial, step=None):
         """The trial's writer, opened at its first step in this process. From there on the run's
         older events are hidden (TensorBoard's purge_step): a resumed run's steps appear once."""
-        number = trial.user_attrs.get("retry_of", trial.number)  # a retry goes on in its first attempt's run
+        number = run_number(trial)
         if number not in self.writers:
             from torch.utils.tensorboard import SummaryWriter  # optional, so loaded here: tune.py checks for it
             self.writers[number] = SummaryWriter(os.path.join(self.folder, f"trial-{number:04d}"), purge_step=step)
@@ -239,7 +244,7 @@ class TrialCurves:
         writer.file_writer.add_summary(Summary(value=[Summary.Value(
             tag=metadata.SESSION_END_INFO_TAG, metadata=metadata.create_summary_metadata(end))]))
         writer.close()
-        del self.writers[trial.user_attrs.get("retry_of", trial.number)]
+        del self.writers[run_number(trial)]
 
     def __enter__(self):
         return self
@@ -247,6 +252,11 @@ class TrialCurves:
     def __exit__(self, *error):
         for writer in self.writers.values():  # trials that stopped: their runs go on at the resume
             writer.close()
+
+
+def run_number(trial):
+    """The TensorBoard run a trial writes to: a retry goes on in its first attempt's run."""
+    return trial.user_attrs.get("retry_of", trial.number)
 
 
 LEGEND_LIMIT = 20  # past this many trials, a legend entry per trial would run off the figure
@@ -337,7 +347,7 @@ def main(argv=None):
     parser.add_argument("--storage", help="storage URL (default: sqlite:///OUT/study.db)")
     parser.add_argument("--study-name", default="mnist-mlp", help="(default: mnist-mlp)")
     args = parser.parse_args(argv)
-    storage = args.storage or f"sqlite:///{os.path.join(args.out, 'study.db')}"
+    storage = args.storage or sqlite_storage(args.out)
     if not args.storage and not os.path.exists(os.path.join(args.out, "study.db")):
         parser.exit(2, f"report.py: error: no study.db in {args.out}; pass the folder tune.py wrote, or --storage\n")
     try:

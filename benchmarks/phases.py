@@ -15,8 +15,8 @@ and the moments its output lines arrive, into:
   exit           the last line printed to the process's end: interpreter teardown
   wall           all of it
 
-Medians over the repeats, side by side, and the ratio of this checkout's wall to the other's; then
-checks that both finished the same 16 trials and wrote the same kinds of files. The machine may be
+Medians over the repeats, side by side, and the ratio of this checkout's wall to the other's; then,
+for each, how many trials it finished and which files it wrote, to compare. The machine may be
 shared and noisy: runs alternate between the revisions so that both see the same noise.
 """
 import argparse
