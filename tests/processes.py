@@ -75,11 +75,12 @@ def assert_stopped_cleanly(code, stdout, stderr, exit_code=130):
     assert "Traceback" not in stdout + stderr and "Error" not in stderr, stderr
 
 
-def study_with(out, params):
-    """A study that holds one queued trial with these parameters: tune.py trains it first."""
+def study_with(out, params, copies=1):
+    """A study that holds `copies` queued trials with these parameters: tune.py trains them first."""
     os.makedirs(out, exist_ok=True)
-    study = optuna.create_study(storage=f"sqlite:///{out}/study.db", study_name="mnist-mlp", direction="maximize")
-    study.enqueue_trial(params)
+    study = optuna.create_study(storage=storage_of(out), study_name="mnist-mlp", direction="maximize")
+    for _ in range(copies):
+        study.enqueue_trial(params)
     return study
 
 
@@ -95,15 +96,14 @@ def saved_epochs(out, trial):
 
 def wait_for_checkpoint(process, out, epochs_done, timeout=120):
     """Poll until trial 0 points at its checkpoint after `epochs_done` epochs (what a retry would take)."""
-    storage = f"sqlite:///{out}/study.db"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert process.poll() is None, process.communicate()
         try:
-            trial = optuna.load_study(study_name="mnist-mlp", storage=storage).trials[0]
+            trial = load_or_none(out)[0]
             if trial.user_attrs.get("checkpoint") and saved_epochs(out, trial) == epochs_done:
                 return
-        except (KeyError, IndexError, FileNotFoundError):  # no study yet, or replaced by the next epoch's
+        except (IndexError, FileNotFoundError):  # no trial yet, or its checkpoint replaced by the next epoch's
             pass
         time.sleep(0.05)
     raise AssertionError(f"no checkpoint after epoch {epochs_done} in time")

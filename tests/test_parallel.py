@@ -3,18 +3,16 @@ import os
 import signal
 import time
 
-import optuna
 import pandas as pd
 import pytest
-import sqlalchemy
 import torch
 from optuna.trial import TrialState
 
 import parallel
 import tune
 from conftest import write_mnist
-from processes import (FINISHED, SLOW_TRIAL, assert_exact_budget, assert_stopped_cleanly, finish, load, start_tune,
-                       study_with, wait_for_a_trial_mid_training, wait_for_checkpoint)
+from processes import (FINISHED, SLOW_TRIAL, assert_exact_budget, assert_stopped_cleanly, finish, load, load_or_none,
+                       start_tune, storage_of, study_with, wait_for_a_trial_mid_training, wait_for_checkpoint)
 from train_loop import load_mnist
 
 
@@ -23,7 +21,7 @@ def test_two_workers_share_one_sqlite_study_with_the_exact_budget(mnist_dir, tmp
     code, stdout, stderr = finish(start_tune(mnist_dir, out, "--workers", "2", "--n-trials", "6", "--epochs", "2"))
     assert code == 0 and "warning" not in stderr, stderr
     assert "locked" not in stderr + stdout
-    study = load(f"sqlite:///{out}/study.db")
+    study = load(storage_of(out))
     assert_exact_budget(study, 6)
     assert len(pd.read_csv(os.path.join(out, "trials.csv"))) == len(study.trials)
     # Both processes trained: the parent and its worker each ran finished trials.
@@ -34,7 +32,7 @@ def test_two_workers_share_one_sqlite_study_with_the_exact_budget(mnist_dir, tmp
 
 def test_kill_9_mid_trial_then_rerun_retries_that_trial_and_ends_at_the_budget(mnist_dir, tmp_path):
     out = str(tmp_path / "run")
-    storage = f"sqlite:///{out}/study.db"
+    storage = storage_of(out)
     flags = ["--n-trials", "2", "--epochs", "60", "--pruner", "none", "--heartbeat", "1"]
     process = start_tune(mnist_dir, out, *flags)
     wait_for_a_trial_mid_training(process, storage)
@@ -61,7 +59,7 @@ def test_kill_9_mid_trial_then_rerun_retries_that_trial_and_ends_at_the_budget(m
 
 def test_ctrl_c_queues_the_running_trial_as_it_is_writes_files_exits_130_and_resumes_at_once(mnist_dir, tmp_path):
     out = str(tmp_path / "run")
-    storage = f"sqlite:///{out}/study.db"
+    storage = storage_of(out)
     flags = ["--n-trials", "2", "--epochs", "60", "--pruner", "none"]
     process = start_tune(mnist_dir, out, *flags)
     wait_for_a_trial_mid_training(process, storage)
@@ -82,11 +80,7 @@ def test_ctrl_c_at_many_moments_never_prints_a_traceback_and_the_rerun_ends_at_t
     out = str(tmp_path / "run")
     # Three slow trials (batch 16; about 10 s each on 2 cores), so that every Ctrl-C lands before the
     # study is done, although each run goes on from the step the one before stopped at.
-    os.makedirs(out)
-    study = optuna.create_study(storage=f"sqlite:///{out}/study.db", study_name="mnist-mlp", direction="maximize")
-    for _ in range(3):
-        study.enqueue_trial({"momentum": 0.9, "nesterov": True, "hidden_size": 256, "layer_size": 3, "dropout": 0.2,
-                             "batch_size": 16, "learning_rate": 0.01, "weight_decay": 1e-5})
+    study_with(out, dict(SLOW_TRIAL, batch_size=16), copies=3)
     flags = ["--n-trials", "3", "--epochs", "150", "--pruner", "none", "--heartbeat", "1"]
     # From the first import to well inside a trial (start-up takes about 1.5 s on 2 cores).
     for delay in [0.2, 0.6, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.5]:
@@ -97,7 +91,7 @@ def test_ctrl_c_at_many_moments_never_prints_a_traceback_and_the_rerun_ends_at_t
         assert_stopped_cleanly(*finish(process))
     code, stdout, stderr = finish(start_tune(mnist_dir, out, *flags), timeout=400)
     assert code == 0, stderr
-    assert_exact_budget(load(f"sqlite:///{out}/study.db"), 3)
+    assert_exact_budget(load(storage_of(out)), 3)
 
 
 @pytest.mark.parametrize("signals", [(signal.SIGINT, signal.SIGINT), (signal.SIGTERM, signal.SIGTERM),
@@ -121,11 +115,11 @@ def test_a_second_signal_stops_at_once_and_the_trial_is_retried_from_its_last_ep
     code, stdout, stderr = finish(process)
     assert_stopped_cleanly(code, stdout, stderr, exit_code=128 + signals[1])
     assert "stopped at once" in stderr
-    [left] = load(f"sqlite:///{out}/study.db").trials
+    [left] = load(storage_of(out)).trials
     assert left.state == TrialState.RUNNING  # as after kill -9: retried once its heartbeat is stale
     code, stdout, stderr = finish(start_tune(digits, out, *flags))
     assert code == 0, stderr
-    failed, retry = load(f"sqlite:///{out}/study.db").trials
+    failed, retry = load(storage_of(out)).trials
     assert failed.state == TrialState.FAIL and retry.state == TrialState.COMPLETE
     assert retry.user_attrs["resumed_from"] == "trial 0 after epoch 1"
 
@@ -133,10 +127,7 @@ def test_a_second_signal_stops_at_once_and_the_trial_is_retried_from_its_last_ep
 def test_ctrl_c_during_the_final_retrain_exits_130_and_the_rerun_retrains(tmp_path):
     digits = write_mnist(tmp_path / "digits", n_train=6000)  # a retrain of several seconds: Ctrl-C lands inside it
     out = str(tmp_path / "run")
-    os.makedirs(out)
-    study = optuna.create_study(storage=f"sqlite:///{out}/study.db", study_name="mnist-mlp", direction="maximize")
-    study.enqueue_trial({"momentum": 0.9, "nesterov": True, "hidden_size": 256, "layer_size": 3, "dropout": 0.2,
-                         "batch_size": 16, "learning_rate": 0.01, "weight_decay": 1e-5})
+    study_with(out, dict(SLOW_TRIAL, batch_size=16))
     flags = ["--n-trials", "1", "--epochs", "2", "--pruner", "none"]
     process = start_tune(digits, out, *flags, final=True)
     for line in process.stdout:
@@ -165,16 +156,13 @@ def test_ctrl_c_with_two_workers_stops_both_cleanly(mnist_dir, tmp_path, delay):
     os.killpg(process.pid, signal.SIGINT)
     assert_stopped_cleanly(*finish(process))
     if delay is None:  # each trial is queued again as it is, to go on where it stopped
-        assert [t.state for t in load(f"sqlite:///{out}/study.db").trials] == [TrialState.WAITING] * 2
+        assert [t.state for t in load(storage_of(out)).trials] == [TrialState.WAITING] * 2
     elif os.path.exists(f"{out}/study.db"):
-        assert all(t.state == TrialState.WAITING for t in load(f"sqlite:///{out}/study.db").trials)
+        assert all(t.state == TrialState.WAITING for t in load(storage_of(out)).trials)
 
 
 def running_with_reports(out):
-    try:
-        return [t for t in load(f"sqlite:///{out}/study.db").get_trials(states=[TrialState.RUNNING]) if t.intermediate_values]
-    except (KeyError, sqlalchemy.exc.SQLAlchemyError):  # no database, no tables or no study yet
-        return []
+    return [t for t in load_or_none(out) if t.state == TrialState.RUNNING and t.intermediate_values]
 
 
 def resident_mb():
