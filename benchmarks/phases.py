@@ -18,6 +18,12 @@ and the moments its output lines arrive, into:
 Medians over the repeats, side by side, and the ratio of this checkout's wall to the other's; then,
 for each, how many trials it finished and which files it wrote, to compare. The machine may be
 shared and noisy: runs alternate between the revisions so that both see the same noise.
+
+Last, the floor: what no version of this study can take less than on this machine, Optuna or not.
+A Python that only imports torch (with and without torch._dynamo, which torch.optim imports when
+its first optimizer is made) and optuna; and this checkout's own trials trained again by train()
+alone, each as far as it went, without Optuna, database or plots, as they are and with dropout 0
+(the least any cheaper dropout mask could cost).
 """
 import argparse
 import datetime
@@ -32,12 +38,13 @@ import time
 import optuna
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FLAGS = ["--n-trials", "16", "--epochs", "3", "--seed", "0", "--no-final"]
+EPOCHS = 3
+FLAGS = ["--n-trials", "16", "--epochs", str(EPOCHS), "--seed", "0", "--no-final"]
 PHASES = ("start-up", "trials", "between", "end", "exit", "wall")
 
 
 def one_run(tree, data_dir, out):
-    """Run tune.py of the tree at `tree`; return its phases in seconds, its trial states and files."""
+    """Run tune.py of the tree at `tree`; return its phases in seconds, its trials and files."""
     started, started_clock = datetime.datetime.now(), time.monotonic()  # Optuna stores naive local times
     process = subprocess.Popen([sys.executable, os.path.join(tree, "tune.py"), "--data-dir", data_dir, "--out", out,
                                 *FLAGS], cwd=tree, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -56,7 +63,58 @@ def one_run(tree, data_dir, out):
               "end": last_line - started_clock - since_start(trials[-1].datetime_complete),
               "exit": ended - last_line, "wall": ended - started_clock}
     files = sorted(name for name in os.listdir(out) if not name.startswith("study.db") and name != "artifacts")
-    return phases, [t.state.name for t in trials], files
+    return phases, trials, files
+
+
+def seconds_to_import(modules, repeats):
+    """Median wall of a Python that imports `modules` and exits."""
+    walls = []
+    for _ in range(repeats):
+        start = time.monotonic()
+        subprocess.run([sys.executable, "-c", f"import {modules}"], check=True)
+        walls.append(time.monotonic() - start)
+    return statistics.median(walls)
+
+
+def seconds_to_train(trials, data, dropout=None):
+    """`trials` trained again by this checkout's train() alone, each to its last report, as tune.py
+    trains them (seed 0, all cores); `dropout` replaces each trial's own when given."""
+    import torch  # here, not at the top: only the floor needs torch in this process
+    from train_loop import seeded_model, train
+    from tune import suggest_hparams
+    torch.set_num_threads(os.cpu_count())
+    seconds = 0.0
+    for trial in trials:
+        hparams = suggest_hparams(optuna.trial.FixedTrial(trial.params), EPOCHS)
+        hparams["dropout"] = hparams["dropout"] if dropout is None else dropout
+        model = seeded_model(hparams, 0)
+        start = time.perf_counter()
+        for val in train(model, data, hparams):
+            if val.step == max(trial.intermediate_values):
+                break
+        seconds += time.perf_counter() - start
+    return seconds
+
+
+def print_floor(trials, data_dir, repeats, other_wall, against):
+    """The floor (the docstring at the top says what it is), against the other revision's wall."""
+    import torch
+    sys.path.insert(0, ROOT)
+    from train_loop import load_mnist
+    data = load_mnist(data_dir, torch.device("cpu"))
+    seconds_to_train(trials[:1], data)  # its first optimizer imports torch._dynamo: counted with the imports
+    with_dynamo = seconds_to_import("torch, torch._dynamo, optuna", repeats)
+    without_dynamo = seconds_to_import("torch, optuna", repeats)
+    training = statistics.median(seconds_to_train(trials, data) for _ in range(repeats))
+    no_dropout = statistics.median(seconds_to_train(trials, data, dropout=0.0) for _ in range(repeats))
+    print(f"\nthe floor: this checkout's {len(trials)} trials, no Optuna, no database, no plots (median of {repeats})")
+    for name, seconds in [("python importing torch, torch._dynamo, optuna", with_dynamo),
+                          ("python importing torch, optuna", without_dynamo),
+                          ("the trials trained by train() alone", training), ("the same with dropout 0", no_dropout)]:
+        print(f"  {name:<48}{seconds:>6.2f} s")
+    for what, total in [("as they are", with_dynamo + training), ("dropout 0", with_dynamo + no_dropout),
+                        ("dropout 0, no torch._dynamo", without_dynamo + no_dropout)]:
+        print(f"  imports + training, {what + ':':<28}{total:>6.2f} s = {total / other_wall:.0%} of {against}'s wall")
 
 
 def main():
@@ -90,9 +148,10 @@ def main():
     mine, theirs = medians["this checkout"]["wall"], medians[args.against]["wall"]
     print(f"this checkout's wall is {mine / theirs:.0%} of {args.against}'s")
     for name in trees:
-        states, files = runs[name][0][1], runs[name][0][2]
+        states, files = [t.state.name for t in runs[name][0][1]], runs[name][0][2]
         print(f"{name}: {states.count('COMPLETE')} complete + {states.count('PRUNED')} pruned of {len(states)} "
               f"trials; files {', '.join(files)}")
+    print_floor(runs["this checkout"][0][1], os.path.abspath(args.data_dir), args.repeats, theirs, args.against)
 
 
 if __name__ == "__main__":
