@@ -89,8 +89,9 @@ def final_model_picture(images, labels, guesses, result):
     """The test digits the final model gets wrong, each with its guess, beside its confusion matrix."""
     plt = pyplot()
     figure = plt.figure(figsize=(12, 6))
-    wrong = (guesses != labels).nonzero().flatten()[:40].tolist()
-    for place, index in enumerate(wrong):
+    wrong = (guesses != labels).nonzero().flatten().tolist()
+    shown = wrong[:40]  # drawn: 5 rows of 8
+    for place, index in enumerate(shown):
         ax = figure.add_subplot(5, 16, place // 8 * 16 + place % 8 + 1)
         ax.imshow(images[index].view(28, 28), cmap="gray_r")
         ax.set_title(f"{labels[index].item()} as {guesses[index].item()}", fontsize=8, color="tab:red")
@@ -103,7 +104,7 @@ def final_model_picture(images, labels, guesses, result):
             ax.text(guess, true, value, ha="center", va="center", fontsize=7, color="white" if true == guess else "black")
     ax.set(xticks=range(10), yticks=range(10), xlabel="guessed", ylabel="true digit",
            title=f"trial {result['trial_number']} retrained: test accuracy {result['test_accuracy']:.4f}")
-    figure.suptitle(f"{len(wrong)} of {int((guesses != labels).sum())} test digits it gets wrong (true as guessed)")
+    figure.suptitle(f"{len(shown)} of {len(wrong)} test digits it gets wrong (true as guessed)")
     return figure
 
 

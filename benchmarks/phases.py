@@ -38,8 +38,11 @@ import time
 import optuna
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EPOCHS = 3
-FLAGS = ["--n-trials", "16", "--epochs", str(EPOCHS), "--seed", "0", "--no-final"]
+sys.path.insert(0, ROOT)
+from report import sqlite_storage  # noqa: E402
+
+N_TRIALS, EPOCHS = 16, 3
+FLAGS = ["--n-trials", str(N_TRIALS), "--epochs", str(EPOCHS), "--seed", "0", "--no-final"]
 PHASES = ("start-up", "trials", "between", "end", "exit", "wall")
 
 
@@ -55,7 +58,7 @@ def one_run(tree, data_dir, out):
     ended = time.monotonic()
     if process.returncode:
         sys.exit(f"phases.py: tune.py in {tree} exited with {process.returncode}")
-    trials = optuna.load_study(study_name="mnist-mlp", storage=f"sqlite:///{out}/study.db").trials
+    trials = optuna.load_study(study_name="mnist-mlp", storage=sqlite_storage(out)).trials
     since_start = lambda moment: (moment - started).total_seconds()  # noqa: E731
     phases = {"start-up": since_start(trials[0].datetime_start),
               "trials": sum(t.duration.total_seconds() for t in trials),
@@ -99,7 +102,6 @@ def seconds_to_train(trials, data, dropout=None):
 def print_floor(trials, data_dir, repeats, other_wall, against):
     """The floor (the docstring at the top says what it is), against the other revision's wall."""
     import torch
-    sys.path.insert(0, ROOT)
     from train_loop import load_mnist
     data = load_mnist(data_dir, torch.device("cpu"))
     seconds_to_train(trials[:1], data)  # its first optimizer imports torch._dynamo: counted with the imports
@@ -139,7 +141,8 @@ def main():
                     print(f"  {name:<14} run {repeat + 1}: wall {runs[name][-1][0]['wall']:.2f} s", flush=True)
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", other], cwd=ROOT, capture_output=True)
-    print(f"\n16 trials x 3 epochs, --seed 0 --no-final, {os.cpu_count()} CPUs, median of {args.repeats} runs each")
+    print(f"\n{N_TRIALS} trials x {EPOCHS} epochs, --seed 0 --no-final, {os.cpu_count()} CPUs, "
+          f"median of {args.repeats} runs each")
     print(f"{'phase':<10}" + "".join(f"{name:>16}" for name in trees))
     medians = {name: {phase: statistics.median(run[0][phase] for run in runs[name]) for phase in PHASES}
                for name in trees}
